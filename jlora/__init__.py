@@ -1,0 +1,36 @@
+"""jlora: LoRA fine-tuning for JAX/Flax, as a transform of parameter trees.
+
+Public API (everything else is private):
+
+* ``LoraConfig``: what to adapt and how (targets by regex over parameter paths, rank, alpha, ...).
+* ``Lora``: the transform for an unmodified ``flax.linen`` model: ``init``, ``apply``, ``merge``,
+  ``unmerge``, ``summary``, ``apply_fn``.
+* ``adapters_only``, ``adapter_labels``, ``lora_plus``: optax routing for adapter leaves.
+* ``Summary``, ``TargetRow``, ``Target``, ``KernelLayout``, ``Variant``, ``LORA``: the data types.
+* ``JloraError``: the one error type for unusable configs, adapters and models.
+* ``jlora.nnx``: the same for ``flax.nnx`` models (model surgery).
+"""
+
+from jlora._config import LoraConfig
+from jlora._errors import JloraError
+from jlora._layout import KernelLayout
+from jlora._lora import Lora
+from jlora._optim import adapter_labels, adapters_only, lora_plus
+from jlora._summary import Summary, TargetRow
+from jlora._targets import Target
+from jlora._variant import LORA, Variant
+
+__all__ = [
+    "LORA",
+    "JloraError",
+    "KernelLayout",
+    "Lora",
+    "LoraConfig",
+    "Summary",
+    "Target",
+    "TargetRow",
+    "Variant",
+    "adapter_labels",
+    "adapters_only",
+    "lora_plus",
+]

@@ -1,0 +1,101 @@
+"""LoraConfig: which kernels get adapters, of what rank and scale."""
+
+import dataclasses
+import math
+import re
+from collections.abc import Mapping, Sequence
+from typing import Literal
+
+import jax.numpy as jnp
+
+from jlora._errors import JloraError
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LoraConfig:
+  """What to adapt and how.
+
+  Targets are regexes ``re.fullmatch``-ed against '/'-joined parameter paths of the model's
+  ``params`` tree, e.g. ``layers_0/attn/q_proj/kernel``; stacked (``nn.scan``) layers have a single
+  path such as ``layers/attn/q_proj/kernel``. Every rule must match at least one parameter.
+
+  The adapted output is ``y = base(x) + s * (dropout(x) @ A) @ B`` with ``s = alpha / rank``
+  (``alpha / sqrt(rank)`` with ``use_rslora``).
+
+  Attributes:
+    targets: a regex or a sequence of regexes over parameter paths.
+    rank: the LoRA rank ``r``.
+    alpha: the LoRA alpha; the scale is ``alpha / rank``.
+    dropout: dropout rate applied to the adapter's input (never to the frozen path); active only
+      when ``Lora.apply`` is given a ``dropout`` rng.
+    use_rslora: scale by ``alpha / sqrt(rank)`` (rank-stabilised LoRA).
+    rank_pattern: ``{regex: rank}`` overrides; the first regex that fullmatches a path wins.
+    alpha_pattern: ``{regex: alpha}`` overrides; the first regex that fullmatches a path wins.
+    init: initialiser of ``A``: ``"kaiming_uniform"`` (PEFT's default: uniform with bound
+      ``1/sqrt(fan_in)``) or ``"gaussian"`` (normal with std ``1/rank``, PEFT's ``init_lora_weights=
+      "gaussian"``). ``B`` always starts at zero, so an initialised adapter is the identity.
+    dtype: dtype of the adapter leaves (float32 by default, also when the base is bf16).
+
+  Example:
+    >>> import jlora
+    >>> config = jlora.LoraConfig(targets=r".*/(q_proj|v_proj)/kernel", rank=8, alpha=16.0)
+    >>> config.scale_for("layers/attn/q_proj/kernel", config.rank_for("layers/attn/q_proj/kernel"))
+    2.0
+  """
+
+  targets: str | Sequence[str]
+  rank: int = 8
+  alpha: float = 16.0
+  dropout: float = 0.0
+  use_rslora: bool = False
+  rank_pattern: Mapping[str, int] = dataclasses.field(default_factory=dict)
+  alpha_pattern: Mapping[str, float] = dataclasses.field(default_factory=dict)
+  init: Literal["kaiming_uniform", "gaussian"] = "kaiming_uniform"
+  dtype: jnp.dtype = jnp.float32
+
+  def __post_init__(self):
+    rules = self.target_rules
+    if not rules:
+      raise JloraError("LoraConfig.targets is empty: give at least one regex over parameter paths.")
+    for rule in rules + tuple(self.rank_pattern) + tuple(self.alpha_pattern):
+      try:
+        re.compile(rule)
+      except re.error as e:
+        raise JloraError(f"LoraConfig: {rule!r} is not a valid regex: {e}") from None
+    for where, rank in [("rank", self.rank), *((f"rank_pattern[{k!r}]", v) for k, v in self.rank_pattern.items())]:
+      if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+        raise JloraError(f"LoraConfig.{where} must be a positive int, got {rank!r}.")
+    if not 0.0 <= self.dropout < 1.0:
+      raise JloraError(f"LoraConfig.dropout must be in [0, 1), got {self.dropout!r}.")
+    if self.init not in ("kaiming_uniform", "gaussian"):
+      raise JloraError(f"LoraConfig.init must be 'kaiming_uniform' or 'gaussian', got {self.init!r}.")
+    if not jnp.issubdtype(jnp.dtype(self.dtype), jnp.floating):
+      raise JloraError(f"LoraConfig.dtype must be a floating dtype, got {self.dtype!r}.")
+
+  @property
+  def target_rules(self) -> tuple[str, ...]:
+    return (self.targets,) if isinstance(self.targets, str) else tuple(self.targets)
+
+  def matches(self, path: str) -> bool:
+    """Whether any target rule fullmatches ``path``."""
+    return any(re.fullmatch(rule, path) for rule in self.target_rules)
+
+  def rank_for(self, path: str) -> int:
+    """The rank for the kernel at ``path``: the first matching ``rank_pattern``, else ``rank``."""
+    return _first_match(self.rank_pattern, path, self.rank)
+
+  def alpha_for(self, path: str) -> float:
+    """The alpha for the kernel at ``path``: the first matching ``alpha_pattern``, else ``alpha``."""
+    return float(_first_match(self.alpha_pattern, path, self.alpha))
+
+  def scale_for(self, path: str, rank: int) -> float:
+    """``s`` for the kernel at ``path`` whose adapter has rank ``rank``."""
+    alpha = self.alpha_for(path)
+    return alpha / math.sqrt(rank) if self.use_rslora else alpha / rank
+
+
+def _first_match(pattern: Mapping, path: str, default):
+  for rule, value in pattern.items():
+    if re.fullmatch(rule, path):
+      return value
+  return default

@@ -1,0 +1,184 @@
+"""How each supported flax.linen module maps onto a KernelLayout and computes its low-rank path.
+
+A binding never re-implements the frozen computation: the module's own method still computes
+``base(x)``; the binding only computes the adapter path ``(dropout(x) @ A) @ B`` in the module's own
+conventions (einsum axes, conv padding/strides, embedding lookup). Modules are recognised by their
+class *and* by the method being flax's own implementation, so a subclass that overrides ``__call__``
+(whose semantics jlora cannot know) is refused instead of being silently mis-adapted.
+"""
+
+import dataclasses
+import string
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import opt_einsum
+
+from jlora._errors import JloraError
+from jlora._layout import KernelLayout
+
+Dropout = Callable[[jax.Array], jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class Binding:
+  """The LoRA binding of one module class.
+
+  Attributes:
+    kind: short name shown in summaries ("dense", "einsum", "conv", "embed").
+    param: name of the adapted parameter of the module.
+    methods: the module methods whose output gets the adapter's contribution.
+    layout: ``(module, method, args, kwargs, kernel_shape) -> KernelLayout``.
+    low_rank: ``(module, method, args, kwargs, layout, a, b, dropout, dtype) -> y``: the adapter path
+      for factors ``a``/``b`` (already sliced to the module's view), in compute dtype ``dtype``.
+  """
+
+  kind: str
+  param: str
+  methods: tuple[str, ...]
+  layout: Callable[..., KernelLayout]
+  low_rank: Callable[..., jax.Array]
+
+
+def _input(args: tuple, kwargs: dict, name: str) -> Any:
+  return args[0] if args else kwargs[name]
+
+
+# --- Dense, DenseGeneral, Einsum: one einsum-shaped family ---------------------------------------
+
+
+def _dense_equation(module: nn.Dense, x: jax.Array, kernel_shape) -> tuple[str, str, str]:
+  xs = string.ascii_letters[: x.ndim]
+  out_letter = string.ascii_letters[x.ndim]
+  return xs, xs[-1] + out_letter, xs[:-1] + out_letter
+
+
+def _dense_general_equation(module: nn.DenseGeneral, x: jax.Array, kernel_shape) -> tuple[str, str, str]:
+  def canon(value):
+    return tuple(value) if isinstance(value, (tuple, list)) else (value,)
+
+  n = x.ndim
+  axis = tuple(a % n for a in canon(module.axis))
+  batch = tuple(b % n for b in canon(module.batch_dims))
+  features = canon(module.features)
+  xs = string.ascii_letters[:n]
+  fs = string.ascii_letters[n : n + len(features)]
+  rhs = "".join(xs[b] for b in batch) + "".join(xs[a] for a in axis) + fs
+  out = "".join(xs[b] for b in batch) + "".join(xs[i] for i in range(n) if i not in axis and i not in batch) + fs
+  return xs, rhs, out
+
+
+def _einsum_equation(module: nn.Einsum, x: jax.Array, kernel_shape, args, kwargs) -> tuple[str, str, str]:
+  equation = kwargs.get("einsum_str", args[1] if len(args) > 1 else None) or module.einsum_str
+  equation = equation.replace(" ", "")
+  operands, out, _ = opt_einsum.parser.parse_einsum_input(
+      (equation, np.empty(x.shape, np.int8), np.empty(kernel_shape, np.int8))
+  )
+  lhs, rhs = operands.split(",")
+  return lhs, rhs, out
+
+
+def _equation(module, method, args, kwargs, kernel_shape) -> tuple[str, str, str]:
+  x = _input(args, kwargs, "inputs")
+  if isinstance(module, nn.Einsum):
+    return _einsum_equation(module, x, kernel_shape, args, kwargs)
+  if isinstance(module, nn.DenseGeneral):
+    return _dense_general_equation(module, x, kernel_shape)
+  return _dense_equation(module, x, kernel_shape)
+
+
+def _einsum_layout(module, method, args, kwargs, kernel_shape) -> KernelLayout:
+  lhs, rhs, out = _equation(module, method, args, kwargs, kernel_shape)
+  if len(set(rhs)) != len(rhs):
+    raise JloraError(f"{type(module).__name__} at '{'/'.join(module.path)}': kernel subscripts {rhs!r} repeat a "
+                     "letter (a diagonal); jlora cannot factor such a kernel.")
+  roles = {"batch": [], "in": [], "out": []}
+  for axis, letter in enumerate(rhs):
+    if letter in lhs and letter in out:
+      roles["batch"].append(axis)
+    elif letter in lhs:
+      roles["in"].append(axis)
+    elif letter in out:
+      roles["out"].append(axis)
+    else:
+      raise JloraError(f"{type(module).__name__} at '{'/'.join(module.path)}': kernel axis {letter!r} of "
+                       f"'{lhs},{rhs}->{out}' is summed away without meeting the input; jlora cannot factor it.")
+  if not roles["in"] or not roles["out"]:
+    raise JloraError(f"{type(module).__name__} at '{'/'.join(module.path)}': '{lhs},{rhs}->{out}' has no "
+                     "contracted or no output kernel axis, so it is not a low-rank-factorable linear map.")
+  return KernelLayout(tuple(kernel_shape), tuple(roles["batch"]), tuple(roles["in"]), tuple(roles["out"]))
+
+
+def _einsum_low_rank(module, method, args, kwargs, layout, a, b, dropout, dtype):
+  lhs, rhs, out = _equation(module, method, args, kwargs, layout.shape)
+  rank = next(c for c in string.ascii_letters if c not in lhs + rhs + out)
+  kb = "".join(rhs[i] for i in layout.batch_axes)
+  kin = "".join(rhs[i] for i in layout.in_axes)
+  kout = "".join(rhs[i] for i in layout.out_axes)
+  h = "".join(c for c in out if c not in kout) + rank
+  x = dropout(jnp.asarray(_input(args, kwargs, "inputs"), dtype))
+  precision = module.precision
+  h_val = jnp.einsum(f"{lhs},{kb}{kin}{rank}->{h}", x, a.astype(dtype), precision=precision)
+  return jnp.einsum(f"{h},{kb}{rank}{kout}->{out}", h_val, b.astype(dtype), precision=precision)
+
+
+# --- Conv: rank-r conv with the module's own geometry, then a 1x1 up-projection -----------------
+
+
+def _conv_layout(module: nn.Conv, method, args, kwargs, kernel_shape) -> KernelLayout:
+  where = f"nn.Conv at '{'/'.join(module.path)}'"
+  if module.feature_group_count != 1:
+    raise JloraError(f"{where} has feature_group_count={module.feature_group_count}; jlora supports LoRA on "
+                     "ungrouped convolutions only. Exclude it from LoraConfig.targets.")
+  if module.mask is not None:
+    raise JloraError(f"{where} has a kernel mask; jlora cannot adapt masked convolutions. Exclude it from targets.")
+  n_spatial = len(kernel_shape) - 2
+  return KernelLayout(tuple(kernel_shape), (), tuple(range(n_spatial + 1)), (n_spatial + 1,))
+
+
+def _conv_low_rank(module, method, args, kwargs, layout, a, b, dropout, dtype):
+  x = dropout(jnp.asarray(_input(args, kwargs, "inputs"), dtype))
+  # The same convolution (padding, strides, dilation, batch handling) with r output channels.
+  down = module.clone(parent=None, name=None, features=a.shape[-1], use_bias=False, dtype=dtype)
+  h = down.apply({"params": {"kernel": a.astype(dtype)}}, x)
+  return jnp.einsum("...r,ro->...o", h, b.astype(dtype), precision=module.precision)
+
+
+# --- Embed: A gathered by token id; attend() is the transposed map --------------------------------
+
+
+def _embed_layout(module: nn.Embed, method, args, kwargs, kernel_shape) -> KernelLayout:
+  return KernelLayout(tuple(kernel_shape), (), (0,), (1,))
+
+
+def _embed_low_rank(module, method, args, kwargs, layout, a, b, dropout, dtype):
+  a, b = a.astype(dtype), b.astype(dtype)
+  if method == "attend":  # y = q @ E^T, so the update is q @ (A @ B)^T = (q @ B^T) @ A^T
+    query = dropout(jnp.asarray(_input(args, kwargs, "query"), dtype))
+    return jnp.einsum("...d,rd->...r", query, b) @ a.T
+  ids = _input(args, kwargs, "inputs")  # token ids: no dropout on an index
+  return jnp.take(a, ids, axis=0) @ b
+
+
+_EINSUM_FAMILY = dict(param="kernel", methods=("__call__",), layout=_einsum_layout, low_rank=_einsum_low_rank)
+_BINDINGS: tuple[tuple[type, Binding], ...] = (
+    (nn.Dense, Binding(kind="dense", **_EINSUM_FAMILY)),
+    (nn.DenseGeneral, Binding(kind="dense_general", **_EINSUM_FAMILY)),
+    (nn.Einsum, Binding(kind="einsum", **_EINSUM_FAMILY)),
+    (nn.Conv, Binding("conv", "kernel", ("__call__",), _conv_layout, _conv_low_rank)),
+    (nn.Embed, Binding("embed", "embedding", ("__call__", "attend"), _embed_layout, _embed_low_rank)),
+)
+
+SUPPORTED = ", ".join(f"nn.{cls.__name__}" for cls, _ in _BINDINGS)
+
+
+def binding_for(module: nn.Module) -> Binding | None:
+  """The binding of ``module``'s class, or None if jlora does not know how to adapt it."""
+  for cls, binding in _BINDINGS:
+    if isinstance(module, cls) and all(getattr(type(module), m) is getattr(cls, m) for m in binding.methods):
+      return binding
+  return None
