@@ -2,6 +2,7 @@
 
 import contextlib
 import functools
+import zlib
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -93,10 +94,10 @@ class Lora:
       ``config.dtype``; stacked (``nn.scan``) kernels get the same leading layer axes.
     """
     targets = self.trace(params, *args, **kwargs)
-    keys = jax.random.split(key, len(targets))
+    # Each kernel's key depends on its path only: not on dict order, nor on which other kernels are targeted.
     return _paths.nest({
-        tuple(path.split("/")): self.variant.init(k, target, self.config)
-        for k, (path, target) in zip(keys, targets.items())
+        tuple(path.split("/")): self.variant.init(jax.random.fold_in(key, zlib.crc32(path.encode())), target, self.config)
+        for path, target in targets.items()
     })
 
   # --- applying -------------------------------------------------------------------------------------

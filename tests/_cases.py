@@ -1,0 +1,202 @@
+"""Small linen models, one per supported module kind, each with an independent numpy forward.
+
+The numpy references re-derive ``base(x) + s * (x @ A) @ B`` by hand (plain einsums, explicit
+convolution loops), sharing no code with jlora.
+"""
+
+import dataclasses
+from collections.abc import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+  name: str
+  model: nn.Module
+  inputs: tuple
+  targets: str
+  # (params, adapters, scale, *inputs) -> expected output, all numpy
+  reference: Callable
+  method: str | None = None
+
+
+def _np(tree):
+  return jax.tree.map(lambda v: np.asarray(v, np.float64), tree)
+
+
+def _ref_dense(p, a, s, x):
+  p, a = _np(p), _np(a)
+  w, b, la, lb = p["kernel"], p["bias"], a["kernel"]["lora_a"], a["kernel"]["lora_b"]
+  return x @ w + b + s * (x @ la) @ lb
+
+
+class OneDense(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    return nn.Dense(5, name="proj")(x)
+
+
+class OneDenseGeneral(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    return nn.DenseGeneral((3, 2), axis=(-2, -1), name="proj")(x)
+
+
+def _ref_dense_general(p, a, s, x):
+  p, a = _np(p["proj"]), _np(a["proj"])
+  la, lb = a["kernel"]["lora_a"], a["kernel"]["lora_b"]
+  base = np.einsum("bij,ijkl->bkl", x, p["kernel"]) + p["bias"]
+  return base + s * np.einsum("bij,ijr,rkl->bkl", x, la, lb)
+
+
+class BatchedDenseGeneral(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    return nn.DenseGeneral(6, axis=-1, batch_dims=(0,), name="proj")(x)
+
+
+def _ref_batched_dense_general(p, a, s, x):
+  p, a = _np(p["proj"]), _np(a["proj"])
+  la, lb = a["kernel"]["lora_a"], a["kernel"]["lora_b"]
+  base = np.einsum("bti,bio->bto", x, p["kernel"]) + p["bias"][:, None, :]
+  return base + s * np.einsum("bti,bir,bro->bto", x, la, lb)
+
+
+class HeadsEinsum(nn.Module):
+  """Kernel axes interleave output and input roles: (heads: out, d: in, head_dim: out)."""
+
+  @nn.compact
+  def __call__(self, x):
+    return nn.Einsum((2, 4, 3), "btd,ndh->btnh", name="proj")(x)
+
+
+def _ref_heads_einsum(p, a, s, x):
+  p, a = _np(p["proj"]), _np(a["proj"])
+  la, lb = a["kernel"]["lora_a"], a["kernel"]["lora_b"]
+  base = np.einsum("btd,ndh->btnh", x, p["kernel"]) + p["bias"]
+  return base + s * np.einsum("btd,dr,rnh->btnh", x, la, lb)
+
+
+class PerHeadEinsum(nn.Module):
+  """A kernel axis shared by input, kernel and output (per-head projection)."""
+
+  @nn.compact
+  def __call__(self, x):
+    return nn.Einsum((3, 4, 5), "bnd,ndh->bnh", use_bias=False, name="proj")(x)
+
+
+def _ref_per_head_einsum(p, a, s, x):
+  p, a = _np(p["proj"]), _np(a["proj"])
+  la, lb = a["kernel"]["lora_a"], a["kernel"]["lora_b"]
+  return np.einsum("bnd,ndh->bnh", x, p["kernel"]) + s * np.einsum("bnd,ndr,nrh->bnh", x, la, lb)
+
+
+class StridedConv(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    return nn.Conv(6, (3, 3), strides=2, padding="SAME", name="conv")(x)
+
+
+def _np_conv_same_stride2(x, w):
+  """2-D 'SAME' convolution with stride 2, NHWC x HWIO, by explicit loops."""
+  n, h, wd, _ = x.shape
+  kh, kw, _, o = w.shape
+  out_h, out_w = -(-h // 2), -(-wd // 2)
+  pad_h = max((out_h - 1) * 2 + kh - h, 0)
+  pad_w = max((out_w - 1) * 2 + kw - wd, 0)
+  xp = np.pad(x, ((0, 0), (pad_h // 2, pad_h - pad_h // 2), (pad_w // 2, pad_w - pad_w // 2), (0, 0)))
+  y = np.zeros((n, out_h, out_w, o))
+  for i in range(out_h):
+    for j in range(out_w):
+      patch = xp[:, 2 * i : 2 * i + kh, 2 * j : 2 * j + kw, :]
+      y[:, i, j, :] = np.einsum("nhwc,hwco->no", patch, w)
+  return y
+
+
+def _ref_conv(p, a, s, x):
+  p, a = _np(p["conv"]), _np(a["conv"])
+  la, lb = a["kernel"]["lora_a"], a["kernel"]["lora_b"]
+  return _np_conv_same_stride2(x, p["kernel"]) + p["bias"] + s * _np_conv_same_stride2(x, la) @ lb
+
+
+class TiedEmbed(nn.Module):
+  """Embedding lookup followed by the tied output projection (``attend``)."""
+
+  @nn.compact
+  def __call__(self, ids):
+    embed = nn.Embed(10, 6, name="embed")
+    return embed.attend(jnp.tanh(embed(ids)))
+
+
+def _ref_tied_embed(p, a, s, ids):
+  p, a = _np(p["embed"]), _np(a["embed"])
+  la, lb = a["embedding"]["lora_a"], a["embedding"]["lora_b"]
+  table = p["embedding"] + s * la @ lb
+  return np.tanh(table[ids]) @ table.T
+
+
+class Block(nn.Module):
+  @nn.compact
+  def __call__(self, x, _):
+    return jnp.tanh(nn.Dense(4, name="fc")(x)), None
+
+
+class ScannedStack(nn.Module):
+  """Three stacked layers through nn.scan with remat: params get a leading layer axis."""
+
+  @nn.compact
+  def __call__(self, x):
+    stack = nn.scan(nn.remat(Block), variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                    length=3)
+    x, _ = stack(name="layers")(x, None)
+    return nn.Dense(2, name="head")(x)
+
+
+def _ref_scanned(p, a, s, x):
+  p, a = _np(p), _np(a)
+  for i in range(3):
+    w, b = p["layers"]["fc"]["kernel"][i], p["layers"]["fc"]["bias"][i]
+    la, lb = a["layers"]["fc"]["kernel"]["lora_a"][i], a["layers"]["fc"]["kernel"]["lora_b"][i]
+    x = np.tanh(x @ w + b + s * (x @ la) @ lb)
+  head = p["head"]
+  la, lb = a["head"]["kernel"]["lora_a"], a["head"]["kernel"]["lora_b"]
+  return x @ head["kernel"] + head["bias"] + s * (x @ la) @ lb
+
+
+class Ensemble(nn.Module):
+  """nn.vmap over three independent Dense layers."""
+
+  @nn.compact
+  def __call__(self, x):
+    dense = nn.vmap(nn.Dense, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                    in_axes=0, out_axes=0, axis_size=3)
+    return dense(5, name="members")(x)
+
+
+def _ref_ensemble(p, a, s, x):
+  p, a = _np(p["members"]), _np(a["members"])
+  la, lb = a["kernel"]["lora_a"], a["kernel"]["lora_b"]
+  return np.stack([x[i] @ p["kernel"][i] + p["bias"][i] + s * (x[i] @ la[i]) @ lb[i] for i in range(3)])
+
+
+def _rand(shape, seed):
+  return np.random.default_rng(seed).normal(size=shape).astype(np.float32)
+
+
+CASES = [
+    Case("dense", OneDense(), (_rand((2, 3, 4), 0),), r"proj/kernel", lambda p, a, s, x: _ref_dense(p["proj"], a["proj"], s, x)),
+    Case("dense_general", OneDenseGeneral(), (_rand((2, 4, 5), 1),), r"proj/kernel", _ref_dense_general),
+    Case("dense_general_batch_dims", BatchedDenseGeneral(), (_rand((3, 2, 5), 2),), r"proj/kernel",
+         _ref_batched_dense_general),
+    Case("einsum_interleaved", HeadsEinsum(), (_rand((2, 3, 4), 3),), r"proj/kernel", _ref_heads_einsum),
+    Case("einsum_per_head", PerHeadEinsum(), (_rand((2, 3, 4), 4),), r"proj/kernel", _ref_per_head_einsum),
+    Case("conv", StridedConv(), (_rand((2, 7, 8, 3), 5),), r"conv/kernel", _ref_conv),
+    Case("embed_tied", TiedEmbed(), (np.array([[1, 2, 3, 9, 0], [4, 4, 5, 6, 7]], np.int32),), r"embed/embedding",
+         _ref_tied_embed),
+    Case("scan_remat", ScannedStack(), (_rand((2, 4), 6),), r".*/kernel", _ref_scanned),
+    Case("vmap", Ensemble(), (_rand((3, 2, 4), 7),), r"members/kernel", _ref_ensemble),
+]
