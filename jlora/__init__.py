@@ -6,13 +6,17 @@ Public API (everything else is private):
 * ``Lora``: the transform for an unmodified ``flax.linen`` model: ``init``, ``apply``, ``merge``,
   ``unmerge``, ``summary``, ``apply_fn``.
 * ``adapters_only``, ``adapter_labels``, ``lora_plus``: optax routing for adapter leaves.
+* ``save_adapters``, ``load_adapters``, ``load_adapter_metadata``, ``fingerprint``: adapter-only orbax
+  checkpoints carrying the LoraConfig and a fingerprint of the base model.
 * ``Summary``, ``TargetRow``, ``Target``, ``KernelLayout``, ``Variant``, ``LORA``: the data types.
 * ``JloraError``: the one error type for unusable configs, adapters and models.
 * ``jlora.nnx``: the same for ``flax.nnx`` models (model surgery).
 """
 
+from jlora._adapter_checkpoint import load_adapter_metadata, load_adapters, save_adapters
 from jlora._config import LoraConfig
 from jlora._errors import JloraError
+from jlora._fingerprint import fingerprint
 from jlora._layout import KernelLayout
 from jlora._lora import Lora
 from jlora._optim import adapter_labels, adapters_only, lora_plus
@@ -32,5 +36,9 @@ __all__ = [
     "Variant",
     "adapter_labels",
     "adapters_only",
+    "fingerprint",
+    "load_adapter_metadata",
+    "load_adapters",
     "lora_plus",
+    "save_adapters",
 ]

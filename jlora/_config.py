@@ -72,6 +72,26 @@ class LoraConfig:
     if not jnp.issubdtype(jnp.dtype(self.dtype), jnp.floating):
       raise JloraError(f"LoraConfig.dtype must be a floating dtype, got {self.dtype!r}.")
 
+  def to_dict(self) -> dict:
+    """A JSON-serialisable dict; ``LoraConfig.from_dict`` inverts it."""
+    out = dataclasses.asdict(self)
+    out["targets"] = list(self.target_rules) if not isinstance(self.targets, str) else self.targets
+    out["rank_pattern"], out["alpha_pattern"] = dict(self.rank_pattern), dict(self.alpha_pattern)
+    out["dtype"] = jnp.dtype(self.dtype).name
+    return out
+
+  @classmethod
+  def from_dict(cls, data: Mapping) -> "LoraConfig":
+    """Builds a config from ``to_dict`` output; unknown keys are an error, not ignored."""
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - fields)
+    if unknown:
+      raise JloraError(f"LoraConfig.from_dict: unknown keys {unknown}; known: {sorted(fields)}.")
+    data = dict(data)
+    if "dtype" in data:
+      data["dtype"] = jnp.dtype(data["dtype"])
+    return cls(**data)
+
   @property
   def target_rules(self) -> tuple[str, ...]:
     return (self.targets,) if isinstance(self.targets, str) else tuple(self.targets)
