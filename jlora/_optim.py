@@ -42,6 +42,7 @@ def lora_plus(
     learning_rate: optax.ScalarOrSchedule,
     *,
     ratio: float = 16.0,
+    others: str = "frozen",
 ) -> optax.GradientTransformation:
   """LoRA+ (Hayou et al., 2024): ``B`` learns ``ratio`` times faster than ``A``.
 
@@ -49,10 +50,14 @@ def lora_plus(
     make_tx: builds the optimizer from a learning rate, e.g. ``optax.adamw``.
     learning_rate: the learning rate (or schedule) of ``A``.
     ratio: ``lr_B / lr_A``.
+    others: what non-adapter leaves get: ``"frozen"`` (zero updates, no state) or ``"train"`` (the
+      optimizer at ``learning_rate``, e.g. for a task head trained beside the adapters).
 
   Returns:
-    A transformation for adapter trees (or combined trees: non-adapter leaves get zero updates).
+    A transformation for adapter trees or combined trees.
   """
+  if others not in ("frozen", "train"):
+    raise ValueError(f"lora_plus: others must be 'frozen' or 'train', got {others!r}")
   if callable(learning_rate):
     learning_rate_b = lambda step: ratio * learning_rate(step)  # noqa: E731
   else:
@@ -61,7 +66,7 @@ def lora_plus(
   def labels(tree):
     def label(path, _):
       name = _leaf_name(path)
-      return "b" if name == "lora_b" else "a" if name in LORA.leaf_names else "frozen"
+      return "b" if name == "lora_b" else "a" if name in LORA.leaf_names or others == "train" else "frozen"
 
     return jax.tree_util.tree_map_with_path(label, tree)
 

@@ -74,3 +74,12 @@ def test_lora_plus_ratio():
     np.testing.assert_allclose(head["lora_a"], -0.1 * np.ones_like(head["lora_a"]), rtol=1e-6)
     np.testing.assert_allclose(head["lora_b"], -0.4 * np.ones_like(head["lora_b"]), rtol=1e-6)
     assert all(float(jnp.abs(u).max()) == 0.0 for u in jax.tree.leaves(updates["params"]))
+
+
+def test_lora_plus_can_train_non_adapter_leaves():
+  tree = {"head": {"w": jnp.ones((3,))}, "lora": {"k": {"lora_a": jnp.ones((2,)), "lora_b": jnp.ones((2,))}}}
+  grads = jax.tree.map(jnp.ones_like, tree)
+  tx = jlora.lora_plus(optax.sgd, 0.1, ratio=2.0, others="train")
+  updates, _ = tx.update(grads, tx.init(tree))
+  np.testing.assert_allclose(updates["head"]["w"], -0.1, rtol=1e-6)
+  np.testing.assert_allclose(updates["lora"]["k"]["lora_b"], -0.2, rtol=1e-6)
