@@ -8,7 +8,6 @@ class *and* by the method being flax's own implementation, so a subclass that ov
 """
 
 import dataclasses
-import string
 from collections.abc import Callable
 from typing import Any
 
@@ -18,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import opt_einsum
 
+from jlora._einsum import Equation, dense_equation, dense_general_equation, layout_from_equation, low_rank_einsum
 from jlora._errors import JloraError
 from jlora._layout import KernelLayout
 
@@ -51,86 +51,45 @@ def _input(args: tuple, kwargs: dict, name: str) -> Any:
 # --- Dense, DenseGeneral, Einsum: one einsum-shaped family ---------------------------------------
 
 
-def _dense_equation(module: nn.Dense, x: jax.Array, kernel_shape) -> tuple[str, str, str]:
-  xs = string.ascii_letters[: x.ndim]
-  out_letter = string.ascii_letters[x.ndim]
-  return xs, xs[-1] + out_letter, xs[:-1] + out_letter
+def _canon(value) -> tuple:
+  return tuple(value) if isinstance(value, (tuple, list)) else (value,)
 
 
-def _dense_general_equation(module: nn.DenseGeneral, x: jax.Array, kernel_shape) -> tuple[str, str, str]:
-  def canon(value):
-    return tuple(value) if isinstance(value, (tuple, list)) else (value,)
-
-  n = x.ndim
-  axis = tuple(a % n for a in canon(module.axis))
-  batch = tuple(b % n for b in canon(module.batch_dims))
-  features = canon(module.features)
-  xs = string.ascii_letters[:n]
-  fs = string.ascii_letters[n : n + len(features)]
-  rhs = "".join(xs[b] for b in batch) + "".join(xs[a] for a in axis) + fs
-  out = "".join(xs[b] for b in batch) + "".join(xs[i] for i in range(n) if i not in axis and i not in batch) + fs
-  return xs, rhs, out
-
-
-def _einsum_equation(module: nn.Einsum, x: jax.Array, kernel_shape, args, kwargs) -> tuple[str, str, str]:
-  equation = kwargs.get("einsum_str", args[1] if len(args) > 1 else None) or module.einsum_str
-  equation = equation.replace(" ", "")
-  operands, out, _ = opt_einsum.parser.parse_einsum_input(
-      (equation, np.empty(x.shape, np.int8), np.empty(kernel_shape, np.int8))
-  )
-  lhs, rhs = operands.split(",")
-  return lhs, rhs, out
-
-
-def _equation(module, method, args, kwargs, kernel_shape) -> tuple[str, str, str]:
+def _equation(module, method, args, kwargs, kernel_shape) -> Equation:
   x = _input(args, kwargs, "inputs")
   if isinstance(module, nn.Einsum):
-    return _einsum_equation(module, x, kernel_shape, args, kwargs)
+    equation = kwargs.get("einsum_str", args[1] if len(args) > 1 else None) or module.einsum_str
+    # opt_einsum's parser expands any ellipsis into letters, as flax's own bias logic does.
+    operands, out, _ = opt_einsum.parser.parse_einsum_input(
+        (equation.replace(" ", ""), np.empty(x.shape, np.int8), np.empty(kernel_shape, np.int8)))
+    lhs, rhs = operands.split(",")
+    return lhs, rhs, out
   if isinstance(module, nn.DenseGeneral):
-    return _dense_general_equation(module, x, kernel_shape)
-  return _dense_equation(module, x, kernel_shape)
+    n = x.ndim
+    return dense_general_equation(n, tuple(a % n for a in _canon(module.axis)),
+                                  tuple(b % n for b in _canon(module.batch_dims)), len(_canon(module.features)))
+  return dense_equation(x.ndim)
+
+
+def _where(module) -> str:
+  return f"{type(module).__name__} at '{'/'.join(module.path)}'"
 
 
 def _einsum_layout(module, method, args, kwargs, kernel_shape) -> KernelLayout:
-  lhs, rhs, out = _equation(module, method, args, kwargs, kernel_shape)
-  if len(set(rhs)) != len(rhs):
-    raise JloraError(f"{type(module).__name__} at '{'/'.join(module.path)}': kernel subscripts {rhs!r} repeat a "
-                     "letter (a diagonal); jlora cannot factor such a kernel.")
-  roles = {"batch": [], "in": [], "out": []}
-  for axis, letter in enumerate(rhs):
-    if letter in lhs and letter in out:
-      roles["batch"].append(axis)
-    elif letter in lhs:
-      roles["in"].append(axis)
-    elif letter in out:
-      roles["out"].append(axis)
-    else:
-      raise JloraError(f"{type(module).__name__} at '{'/'.join(module.path)}': kernel axis {letter!r} of "
-                       f"'{lhs},{rhs}->{out}' is summed away without meeting the input; jlora cannot factor it.")
-  if not roles["in"] or not roles["out"]:
-    raise JloraError(f"{type(module).__name__} at '{'/'.join(module.path)}': '{lhs},{rhs}->{out}' has no "
-                     "contracted or no output kernel axis, so it is not a low-rank-factorable linear map.")
-  return KernelLayout(tuple(kernel_shape), tuple(roles["batch"]), tuple(roles["in"]), tuple(roles["out"]))
+  return layout_from_equation(_equation(module, method, args, kwargs, kernel_shape), kernel_shape, _where(module))
 
 
 def _einsum_low_rank(module, method, args, kwargs, layout, a, b, dropout, dtype):
-  lhs, rhs, out = _equation(module, method, args, kwargs, layout.shape)
-  rank = next(c for c in string.ascii_letters if c not in lhs + rhs + out)
-  kb = "".join(rhs[i] for i in layout.batch_axes)
-  kin = "".join(rhs[i] for i in layout.in_axes)
-  kout = "".join(rhs[i] for i in layout.out_axes)
-  h = "".join(c for c in out if c not in kout) + rank
+  equation = _equation(module, method, args, kwargs, layout.shape)
   x = dropout(jnp.asarray(_input(args, kwargs, "inputs"), dtype))
-  precision = module.precision
-  h_val = jnp.einsum(f"{lhs},{kb}{kin}{rank}->{h}", x, a.astype(dtype), precision=precision)
-  return jnp.einsum(f"{h},{kb}{rank}{kout}->{out}", h_val, b.astype(dtype), precision=precision)
+  return low_rank_einsum(equation, layout, x, a.astype(dtype), b.astype(dtype), module.precision)
 
 
 # --- Conv: rank-r conv with the module's own geometry, then a 1x1 up-projection -----------------
 
 
 def _conv_layout(module: nn.Conv, method, args, kwargs, kernel_shape) -> KernelLayout:
-  where = f"nn.Conv at '{'/'.join(module.path)}'"
+  where = _where(module)
   if module.feature_group_count != 1:
     raise JloraError(f"{where} has feature_group_count={module.feature_group_count}; jlora supports LoRA on "
                      "ungrouped convolutions only. Exclude it from LoraConfig.targets.")

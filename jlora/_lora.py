@@ -8,10 +8,10 @@ from typing import Any
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
 from jlora import _paths
 from jlora._config import LoraConfig
+from jlora._dropout import inverted_dropout
 from jlora._errors import JloraError
 from jlora._linen_bindings import binding_for
 from jlora._summary import Summary, summarize
@@ -182,12 +182,7 @@ class Lora:
                          "(and split 'dropout' in nn.scan/nn.vmap).")
       return lambda x: x
     rng = module.make_rng("dropout")
-
-    def dropout(x):
-      keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
-      return jnp.where(keep, x / jnp.asarray(1.0 - rate, x.dtype), jnp.zeros((), x.dtype))
-
-    return dropout
+    return lambda x: inverted_dropout(rng, rate, x)
 
   # --- merging --------------------------------------------------------------------------------------
 

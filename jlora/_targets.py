@@ -73,7 +73,7 @@ def _record_calls(model: nn.Module, params: Any, args: tuple, kwargs: dict) -> d
   return seen
 
 
-def _near_misses(rule: str, paths: list[str]) -> list[str]:
+def near_misses(rule: str, paths: list[str]) -> list[str]:
   partial = [p for p in paths if re.search(rule, p)]
   close = difflib.get_close_matches(rule, paths, n=5, cutoff=0.4)
   return list(dict.fromkeys(partial[:5] + close))[:8]
@@ -92,7 +92,7 @@ def find_targets(
   paths = ["/".join(p) for p in leaves]
   for rule in config.target_rules:
     if not any(re.fullmatch(rule, p) for p in paths):
-      hint = _near_misses(rule, paths)
+      hint = near_misses(rule, paths)
       raise JloraError(
           f"LoRA target rule {rule!r} matches no parameter path (rules are re.fullmatch-ed against '/'-joined "
           f"paths such as {paths[0]!r}). " + (f"Near misses: {hint}." if hint else f"Some paths: {paths[:8]}.")
