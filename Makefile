@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 install:
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet -e '.[train,test]'
 
 run:
 	$(PY) -m tools.quickstart

@@ -1,0 +1,1 @@
+"""The training job: `python -m train --config configs/<name>.py --workdir DIR`."""
