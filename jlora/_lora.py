@@ -57,6 +57,7 @@ class Lora:
     self.config = config
     self.variant = variant
     self._targets: dict[str, Target] | None = None
+    self._apply_fns: dict[tuple, Callable] = {}
 
   # --- discovering targets ------------------------------------------------------------------------
 
@@ -119,9 +120,27 @@ class Lora:
     with self.intercept(lora_dropout=lora_dropout):
       return self.model.apply(variables, *args, **kwargs)
 
-  def apply_fn(self, adapters: Mapping, *, lora_dropout: bool | None = None) -> Callable[..., Any]:
-    """A function with ``model.apply``'s signature ``(variables, *args, **kwargs)`` that applies
-    ``adapters``: for code written against ``model.apply`` (e.g. ``jlora.models.generate``)."""
+  def apply_fn(self, adapters: Mapping | None = None, *, lora_dropout: bool | None = None) -> Callable[..., Any]:
+    """A function with ``model.apply``'s signature ``(variables, *args, **kwargs)`` with adapters active,
+    for code written against ``model.apply`` (e.g. ``jlora.models.generate``).
+
+    Args:
+      adapters: adapters to close over; the function then injects them into ``variables["params"]``.
+        With None, the function expects ``variables["params"] = lora.inject(params, adapters)``, so the
+        adapters are ordinary (traced) arguments: one such function serves every adapter value, and
+        code that jits on the function's identity compiles once. That form is cached per Lora.
+      lora_dropout: as in ``apply``.
+    """
+    if adapters is None:
+      key = ("injected", lora_dropout)
+      if key not in self._apply_fns:
+
+        def apply_injected(variables: Mapping, *args, **kwargs):
+          with self.intercept(lora_dropout=lora_dropout):
+            return self.model.apply(variables, *args, **kwargs)
+
+        self._apply_fns[key] = apply_injected
+      return self._apply_fns[key]
 
     def apply(variables: Mapping, *args, **kwargs):
       variables = {**variables, "params": self.inject(variables["params"], adapters)}

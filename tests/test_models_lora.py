@@ -75,6 +75,22 @@ def test_lora_apply_equals_merged_params(arch, tmp_path):
         models.generate(model, params, ids, mask, max_new_tokens=8, apply_fn=apply_fn),
         models.generate(model, merged, ids, mask, max_new_tokens=8),
     )
+    # The injected form: one stable function serves every adapter value, traced once.
+    assert lora.apply_fn() is lora.apply_fn()
+    traces = []
+    injected = lora.apply_fn()
+
+    def counting(variables, *args, **kwargs):
+      traces.append(1)
+      return injected(variables, *args, **kwargs)
+
+    for seed in (1, 2):
+      other = _nonzero_b(adapters, seed=seed)
+      np.testing.assert_array_equal(
+          models.generate(model, lora.inject(params, other), ids, mask, max_new_tokens=8, apply_fn=counting),
+          models.generate(model, lora.merge(params, other), ids, mask, max_new_tokens=8),
+      )
+    assert len(traces) == 2  # prefill + loop body, compiled once for both adapter values
 
 
 @pytest.mark.filterwarnings("ignore::FutureWarning")  # transformers-internal deprecation inside PEFT
