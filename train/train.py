@@ -1,0 +1,154 @@
+"""``train_and_evaluate(config, workdir)``: the training job's loop, importable and testable.
+
+Resumes from the latest complete checkpoint in ``workdir`` (train state *and* data position, so a
+resumed run sees exactly the batches an uninterrupted one would), evaluates before training and
+every ``eval_every`` steps, stops on a non-finite loss or gradient (or skips the step), saves on
+SIGTERM, and exports the final adapter with its LoraConfig and base-model fingerprint.
+"""
+
+import logging
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+
+import jlora
+from train import tasks
+from train.checkpoint import Checkpointer
+from train.metrics import MetricWriter, plot_curves
+from train.optimizer import learning_rate_schedule, make_optimizer
+from train.progress import Progress
+from train.step import make_train_step
+
+
+class NonFiniteError(RuntimeError):
+  """The loss or gradient became NaN/inf and ``train.on_nonfinite == "stop"``."""
+
+
+def _stack_micro_batches(iterator, accum_steps: int) -> dict:
+  micro = [next(iterator) for _ in range(accum_steps)]
+  return {k: np.stack([m[k] for m in micro]) for k in micro[0]}
+
+
+def _evaluate(task, eval_step, trainable) -> dict:
+  sums: dict[str, float] = {}
+  for batch in task.eval_batches():
+    for name, value in eval_step(trainable, task.params, batch).items():
+      sums[name] = sums.get(name, 0.0) + float(value)
+  return {name: float(value) for name, value in task.summarize_eval(sums).items()}
+
+
+def _format(metrics: dict) -> str:
+  return "  ".join(f"{k}={v:.4f}" for k, v in metrics.items())
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Runs (or resumes) the job described by ``config`` in ``workdir``.
+
+  Returns:
+    ``{"before": eval metrics at step 0 (None when resumed), "after": final eval metrics,
+    "steps": last step, "preempted": bool, "skipped_steps": int, "adapter": export dir | None}``.
+  """
+  os.makedirs(workdir, exist_ok=True)
+  is_main = jax.process_index() == 0
+  if is_main:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
+  task = tasks.build(config, workdir)
+  total_steps = config.train.steps
+  tx = make_optimizer(config.optimizer, total_steps)
+  schedule = learning_rate_schedule(config.optimizer, total_steps)
+
+  def initial_state():
+    key = jax.random.PRNGKey(config.seed)
+    trainable = task.init_trainable(jax.random.fold_in(key, 0))
+    return {"trainable": trainable, "opt_state": tx.init(trainable), "step": jnp.zeros((), jnp.int32),
+            "rng": jax.random.fold_in(key, 1)}
+
+  state = initial_state()
+  if is_main:
+    print(task.lora.summary(task.params, state["trainable"]["lora"]))
+  train_iter = task.train_batches()
+  checkpointer = Checkpointer(workdir, every=config.checkpoint.every, keep=config.checkpoint.keep,
+                              use_async=config.checkpoint.use_async)
+  restored = checkpointer.restore_latest(jax.tree.map(ocp.utils.to_shape_dtype_struct, state))
+  if restored is not None:
+    state, data_state = restored
+    train_iter.set_state(data_state["iterator"])
+    logging.warning("Resumed from %s at step %d.", checkpointer.directory, int(state["step"]))
+
+  train_step = jax.jit(make_train_step(task.loss, tx))
+  eval_step = jax.jit(task.eval_sums)
+  writer = MetricWriter(workdir)
+  start = int(state["step"])
+  before = None
+  if start == 0:
+    before = _evaluate(task, eval_step, state["trainable"])
+    writer.write(0, before)
+    if is_main:
+      print(f"eval before training: {_format(before)}")
+
+  progress = Progress(total_steps, start, every=config.train.log_every, active=is_main)
+  after, skipped, preempted = None, 0, False
+  for step in range(start + 1, total_steps + 1):
+    batch = _stack_micro_batches(train_iter, config.train.accum_steps)
+    state, metrics = train_step(state, task.params, batch)
+    loss, finite = float(metrics["loss"]), bool(metrics["finite"])
+    if not finite:
+      if config.train.on_nonfinite == "stop":
+        checkpointer.close()
+        raise NonFiniteError(
+            f"Step {step}: loss {loss} / gradient norm {float(metrics['grad_norm'])} is not finite; the update was "
+            f"not applied and training stopped. The last checkpoint ({checkpointer.latest_step()}) is intact. Lower "
+            "optimizer.learning_rate, check the data, or set train.on_nonfinite='skip'.")
+      skipped += 1
+      logging.warning("Step %d: non-finite loss/gradient, update skipped (%d so far).", step, skipped)
+    if step % config.train.log_every == 0 or step == total_steps:
+      writer.write(step, {"train/loss": loss, "train/grad_norm": float(metrics["grad_norm"]),
+                          "train/learning_rate": float(schedule(step - 1)), "train/skipped_steps": skipped})
+    progress.update(step, loss=loss, tokens_per_step=sum(task.count_tokens({k: v[i] for k, v in batch.items()})
+                                                         for i in range(config.train.accum_steps)))
+    if step % config.train.eval_every == 0 or step == total_steps:
+      after = _evaluate(task, eval_step, state["trainable"])
+      writer.write(step, after)
+    preempted = checkpointer.preempted
+    checkpointer.maybe_save(step, state, {"iterator": train_iter.get_state()},
+                            force=preempted or step == total_steps)
+    if preempted:
+      break
+  checkpointer.close()
+  writer.close()
+
+  adapter_dir = None
+  last = int(state["step"])
+  if not preempted:
+    if is_main:
+      print(f"eval after training:  {_format(after)}")
+    adapter_dir = _export(os.path.join(workdir, "adapter"), task, state["trainable"], config, last)
+    plot_curves(workdir, ("train/loss", "eval/loss"))
+  if is_main:
+    print(f"data: {train_iter.report()}")
+  return {"before": before, "after": after, "steps": last, "preempted": preempted, "skipped_steps": skipped,
+          "adapter": adapter_dir}
+
+
+def _export(directory: str, task, trainable: dict, config: ml_collections.ConfigDict, step: int) -> str:
+  """The adapter alone (jlora.save_adapters) plus any other trained leaves (a task head) beside it."""
+  if os.path.exists(directory):
+    import shutil
+
+    if jax.process_index() == 0:
+      shutil.rmtree(directory)
+  jlora.save_adapters(directory, trainable["lora"], task.lora.config,
+                      base_fingerprint=jlora.fingerprint(task.params), extra={**task.metadata, "step": step})
+  others = {k: v for k, v in trainable.items() if k != "lora"}
+  if others:
+    with ocp.StandardCheckpointer() as checkpointer:
+      checkpointer.save(os.path.join(os.path.abspath(directory), "trainable_extras"), others)
+  return directory
+
+
+__all__ = ["NonFiniteError", "train_and_evaluate"]
