@@ -11,7 +11,7 @@ install:
 	$(PY) -m pip install --quiet -e '.[train,test]'
 
 run:
-	$(PY) -m tools.quickstart
+	$(PY) -m train --config configs/minilm_docs.py --workdir workdir/minilm_docs
 
 test:
 	$(PY) -m pytest -q

@@ -127,3 +127,22 @@ def test_unknown_remat_policy_is_refused():
   )
   with pytest.raises(ValueError, match="remat must be one of"):
     models.LlamaForCausalLM(config).init(jax.random.key(0), jnp.zeros((1, 2), jnp.int32))
+
+
+def test_packed_rows_equal_separate_sequences():
+  """segment_ids: each packed example gets exactly the logits it gets alone (block-diagonal causal attention)."""
+  config = models.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                              num_attention_heads=4, num_key_value_heads=2)
+  model = models.LlamaForCausalLM(config)
+  rng = np.random.default_rng(0)
+  first, second = rng.integers(1, 64, 5), rng.integers(1, 64, 3)
+  params = model.init(jax.random.key(0), first[None])["params"]
+  packed = np.concatenate([first, second, [0, 0]])[None]
+  segments = np.array([[1] * 5 + [2] * 3 + [0, 0]])
+  positions = np.array([[0, 1, 2, 3, 4, 0, 1, 2, 0, 0]])
+  logits = model.apply({"params": params}, packed, position_ids=positions, segment_ids=segments)
+  alone = [model.apply({"params": params}, seq[None]) for seq in (first, second)]
+  np.testing.assert_allclose(logits[0, :5], alone[0][0], atol=1e-5)
+  np.testing.assert_allclose(logits[0, 5:8], alone[1][0], atol=1e-5)
+  with pytest.raises(ValueError, match="position_ids"):
+    model.apply({"params": params}, packed, segment_ids=segments)

@@ -140,3 +140,18 @@ def test_nonfinite_stops_or_skips(tmp_path):
       str(tmp_path / "skip"))
   assert result["skipped_steps"] > 0
   assert all(np.all(np.isfinite(v)) for v in jax.tree.leaves(_final_adapters(str(tmp_path / "skip"))))
+
+
+def test_llama_sft_smoke(tmp_path):
+  """Causal-LM SFT on a tiny Llama checkpoint created locally (HF format + BPE tokenizer), packed rows."""
+  from configs import llama_sft
+
+  workdir = str(tmp_path / "sft")
+  result = train_lib.train_and_evaluate(llama_sft.get_config("smoke"), workdir)
+  assert result["after"]["eval/loss"] < result["before"]["eval/loss"]
+  assert result["after"]["eval/perplexity"] < result["before"]["eval/perplexity"]
+  train_losses = [r["train/loss"] for r in read_metrics(workdir) if "train/loss" in r]
+  assert train_losses[-1] < train_losses[0]
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["16", "8"]
+  metadata = jlora.load_adapter_metadata(os.path.join(workdir, "adapter"))
+  assert metadata["extra"]["task"] == "causal_lm" and metadata["lora_config"].rank == 16

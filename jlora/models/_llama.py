@@ -233,11 +233,19 @@ class LlamaModel(nn.Module):
       input_ids: jax.Array,
       attention_mask: jax.Array | None = None,
       position_ids: jax.Array | None = None,
+      segment_ids: jax.Array | None = None,
       *,
       decode: bool = False,
       deterministic: bool = True,
   ) -> jax.Array:
     cfg = self.config
+    if segment_ids is not None:
+      if decode:
+        raise ValueError("segment_ids (packed rows) cannot be combined with decode=True.")
+      if position_ids is None:
+        raise ValueError("segment_ids (packed rows) need explicit position_ids that restart in each segment.")
+      if attention_mask is None:
+        attention_mask = (segment_ids > 0).astype(jnp.int32)
     if attention_mask is None:
       attention_mask = jnp.ones(input_ids.shape, jnp.int32)
     slots = sequence_slots(self, attention_mask, decode=decode)
@@ -251,6 +259,8 @@ class LlamaModel(nn.Module):
     mask_bts = make_attention_mask(
         slots.key_valid_bs, slots.query_slots_t, causal=True, sliding_window=cfg.sliding_window
     )
+    if segment_ids is not None:  # packed rows: a token sees only earlier tokens of its own example
+      mask_bts &= segment_ids[:, :, None] == segment_ids[:, None, :]
     h_btd = apply_layers(
         LlamaDecoderLayer,
         h_btd,
@@ -307,6 +317,7 @@ class LlamaForCausalLM(nn.Module):
       input_ids: jax.Array,
       attention_mask: jax.Array | None = None,
       position_ids: jax.Array | None = None,
+      segment_ids: jax.Array | None = None,
       *,
       decode: bool = False,
       deterministic: bool = True,
@@ -317,6 +328,8 @@ class LlamaForCausalLM(nn.Module):
       input_ids: int token ids, shape ``(B, T)``.
       attention_mask: 1 for tokens, 0 for padding, shape ``(B, T)``; None means no padding.
       position_ids: int positions ``(B, T)``; None derives them from the mask (and cache).
+      segment_ids: for packed rows, ``(B, T)`` example ids (0 = padding): attention stays within an
+        example. Needs ``position_ids`` that restart per example; not with ``decode``.
       decode: read and append to the KV cache (needs a ``"cache"`` collection, mutable).
       deterministic: disable dropout; with False a ``"dropout"`` rng is needed.
 
@@ -324,7 +337,7 @@ class LlamaForCausalLM(nn.Module):
       Logits of shape ``(B, T, vocab_size)`` in the compute dtype.
     """
     h_btd = self.model(
-        input_ids, attention_mask, position_ids, decode=decode, deterministic=deterministic
+        input_ids, attention_mask, position_ids, segment_ids, decode=decode, deterministic=deterministic
     )
     if self.config.tie_word_embeddings:
       return self.model.embed_tokens.attend(h_btd)
