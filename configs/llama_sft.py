@@ -39,6 +39,12 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   config.data.eval_batch_size = 16  # rows per eval batch
   config.data.end_token = "</s>"  # end-of-turn token of the chat template (must be in the tokenizer)
   config.data.bos_token = ""  # token before every example ("" for none), e.g. "<s>"
+  config.data.tfds = ml_collections.ConfigDict()  # read a registered TFDS dataset by name instead of data.source
+  config.data.tfds.name = ""  # e.g. "imdb_reviews" or "jlora_jsonl_classification/my_data"; "" = use data.source
+  config.data.tfds.data_dir = ""  # where it is stored ("" = TFDS default)
+  config.data.tfds.train_split = "train"  # split (TFDS slicing allowed, e.g. "train[:90%]")
+  config.data.tfds.eval_split = "validation"  # held-out split, e.g. "test" or "train[90%:]"
+  config.data.tfds.text_field = "text"  # the text feature
   config.data.on_bad_example = "skip"  # "raise" or "skip" (count and report) malformed/over-long examples
 
   config.optimizer = ml_collections.ConfigDict()
@@ -57,6 +63,17 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   config.train.log_every = 10  # steps between train-metric lines
   config.train.eval_every = 200  # steps between evaluations (and at the end)
   config.train.on_nonfinite = "stop"  # "stop": NaN/inf loss or gradient ends the run; "skip": drop that update
+
+  config.mesh = ml_collections.ConfigDict()
+  config.mesh.axes = {"data": -1, "fsdp": 1, "tensor": 1}  # device mesh; one -1 takes the remaining devices
+  config.mesh.rules = ()  # extra (regex, partition spec tuple) rules, before the model's defaults
+
+  config.distributed = ml_collections.ConfigDict()
+  config.distributed.auto = False  # let JAX detect a TPU pod / SLURM / k8s cluster (jax.distributed.initialize())
+  config.distributed.coordinator = ""  # "host:port" of process 0 (env JLORA_COORDINATOR wins)
+  config.distributed.num_processes = 1  # processes (hosts) in the job (env JLORA_NUM_PROCESSES wins)
+  config.distributed.process_id = 0  # this process (env JLORA_PROCESS_ID wins)
+  config.distributed.heartbeat_timeout_seconds = 60  # a silent process fails the job after this long
 
   config.checkpoint = ml_collections.ConfigDict()
   config.checkpoint.every = 200  # steps between checkpoints (the last step is always saved)

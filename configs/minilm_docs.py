@@ -35,6 +35,13 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   config.data.seq_len = 64  # tokens per example, padding included (median docstring: 14 tokens; 2.4% are longer)
   config.data.batch_size = 16  # examples per optimizer step (split into train.accum_steps micro-batches)
   config.data.eval_batch_size = 64  # examples per eval batch
+  config.data.tfds = ml_collections.ConfigDict()  # read a registered TFDS dataset by name instead of data.source
+  config.data.tfds.name = ""  # e.g. "imdb_reviews" or "jlora_jsonl_classification/my_data"; "" = use data.source
+  config.data.tfds.data_dir = ""  # where it is stored ("" = TFDS default)
+  config.data.tfds.train_split = "train"  # split (TFDS slicing allowed, e.g. "train[:90%]")
+  config.data.tfds.eval_split = "validation"  # held-out split, e.g. "test" or "train[90%:]"
+  config.data.tfds.text_field = "text"  # the text feature
+  config.data.tfds.label_field = "label"  # the ClassLabel feature
   config.data.on_bad_example = "skip"  # "raise": stop on a bad/over-long example; "skip": drop, count and report
 
   config.optimizer = ml_collections.ConfigDict()
@@ -53,6 +60,17 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   config.train.log_every = 10  # steps between train-metric lines
   config.train.eval_every = 50  # steps between evaluations (and at the end)
   config.train.on_nonfinite = "stop"  # "stop": NaN/inf loss or gradient ends the run; "skip": drop that update
+
+  config.mesh = ml_collections.ConfigDict()
+  config.mesh.axes = {"data": -1, "fsdp": 1, "tensor": 1}  # device mesh; one -1 takes the remaining devices
+  config.mesh.rules = ()  # extra (regex, partition spec tuple) rules, before the model's defaults
+
+  config.distributed = ml_collections.ConfigDict()
+  config.distributed.auto = False  # let JAX detect a TPU pod / SLURM / k8s cluster (jax.distributed.initialize())
+  config.distributed.coordinator = ""  # "host:port" of process 0 (env JLORA_COORDINATOR wins)
+  config.distributed.num_processes = 1  # processes (hosts) in the job (env JLORA_NUM_PROCESSES wins)
+  config.distributed.process_id = 0  # this process (env JLORA_PROCESS_ID wins)
+  config.distributed.heartbeat_timeout_seconds = 60  # a silent process fails the job after this long
 
   config.checkpoint = ml_collections.ConfigDict()
   config.checkpoint.every = 100  # steps between checkpoints (the last step is always saved)

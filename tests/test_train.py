@@ -91,6 +91,17 @@ def test_exported_adapter_loads_without_training_state(smoke_run):
   chex.assert_trees_all_equal(restored, adapters)
 
 
+def test_registered_tfds_dataset_by_name(smoke_run, tmp_path):
+  """config.data.tfds.name reads any prepared TFDS dataset by name (here the one the smoke run built)."""
+  smoke_workdir, _ = smoke_run
+  config = _config(**{"data.tfds.name": "jlora_jsonl_classification/stdlib_docs",
+                      "data.tfds.data_dir": os.path.join(smoke_workdir, "data", "tfds"),
+                      "train.steps": 4, "train.eval_every": 4, "checkpoint.every": 4})
+  result = train_lib.train_and_evaluate(config, str(tmp_path / "by_name"))
+  assert not os.path.exists(tmp_path / "by_name" / "data")  # nothing was rebuilt
+  assert result["after"]["eval/loss"] < result["before"]["eval/loss"]
+
+
 def _run_job(workdir, *extra, wait=True):
   cmd = [sys.executable, "-m", "train", "--config", "configs/minilm_docs.py:smoke", "--workdir", workdir,
          "--config.checkpoint.every=4", "--config.checkpoint.use_async=False", *extra]

@@ -5,6 +5,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from train import distributed
 from train.train import NonFiniteError, train_and_evaluate
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py[:variant]).")
@@ -16,6 +17,7 @@ def main(argv):
   del argv
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # orbax/TFDS INFO lines would drown the progress output
+  distributed.initialize(_CONFIG.value)
   try:
     result = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   except NonFiniteError as e:

@@ -28,6 +28,20 @@ def _checkpoint(config: ml_collections.ConfigDict, workdir: str) -> str:
                    "(or model.create_tiny=True for a local smoke test).")
 
 
+def _sources(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """``{"train", "validation"}`` data sources: a registered TFDS dataset by name, or local JSONL built to TFDS."""
+  tfds_config = config.data.tfds
+  if tfds_config.name:
+    return {"train": data.data_source(tfds_config.name, tfds_config.train_split, data_dir=tfds_config.data_dir or None),
+            "validation": data.data_source(tfds_config.name, tfds_config.eval_split,
+                                           data_dir=tfds_config.data_dir or None)}
+  source = config.data.source
+  paths = pydoc_sft.write_jsonl(os.path.join(workdir, "data", "raw")) if source == "pydoc_sft" else dict(source)
+  builder = data.build_jsonl_instructions(paths, os.path.join(workdir, "data", "tfds"), name=config.data.name,
+                                          on_bad_example=config.data.on_bad_example)
+  return {split: data.data_source(builder, split) for split in ("train", "validation")}
+
+
 def build(config: ml_collections.ConfigDict, workdir: str) -> Task:
   path = _checkpoint(config, workdir)
   model, params = models.from_pretrained(path, dtype=jnp.dtype(config.model.dtype),
@@ -36,18 +50,17 @@ def build(config: ml_collections.ConfigDict, workdir: str) -> Task:
   tokenizer = models.load_tokenizer(path)
   tokenizer.no_truncation()
   tokenizer.no_padding()
-  source = config.data.source
-  splits = pydoc_sft.write_jsonl(os.path.join(workdir, "data", "raw")) if source == "pydoc_sft" else dict(source)
-  builder = data.build_jsonl_instructions(splits, os.path.join(workdir, "data", "tfds"), name=config.data.name,
-                                          on_bad_example=config.data.on_bad_example)
+  sources = _sources(config, workdir)
+  text_field = config.data.tfds.text_field
+  turns_fn = None if text_field == "text" else (lambda record: [("text", record[text_field].decode())])
   template = data.default_template(config.data.end_token, config.data.bos_token or None)
   seq_len, micro_batch = config.data.seq_len, config.data.batch_size // config.train.accum_steps
 
   def batches(split: str, batch_size: int, shuffle: bool, num_epochs):
-    return data.lm_batches(data.data_source(builder, split), tokenizer, seq_len=seq_len, batch_size=batch_size,
+    return data.lm_batches(sources[split], tokenizer, seq_len=seq_len, batch_size=batch_size,
                            template=template, seed=config.seed, shuffle=shuffle, num_epochs=num_epochs,
                            process_index=jax.process_index(), process_count=jax.process_count(),
-                           on_bad_example=config.data.on_bad_example)
+                           on_bad_example=config.data.on_bad_example, turns_fn=turns_fn)
 
   lora = jlora.Lora(model, jlora.LoraConfig(**config.lora))
   example = np.zeros((1, seq_len), np.int32)

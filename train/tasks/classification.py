@@ -32,11 +32,21 @@ def minilm_dir() -> str:
   return os.path.join(list(spec.submodule_search_locations)[0], "model")
 
 
-def _splits(config: ml_collections.ConfigDict, workdir: str) -> dict[str, str]:
+def _sources(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """``{"train", "validation"}`` data sources: a registered TFDS dataset by name, or local JSONL built to TFDS."""
+  tfds_config = config.data.tfds
+  if tfds_config.name:
+    return {"train": data.data_source(tfds_config.name, tfds_config.train_split, data_dir=tfds_config.data_dir or None),
+            "validation": data.data_source(tfds_config.name, tfds_config.eval_split,
+                                           data_dir=tfds_config.data_dir or None)}
   source = config.data.source
   if source == "stdlib_docs":
-    return stdlib_docs.write_jsonl(os.path.join(workdir, "data", "raw"), config.data.validation_fraction)
-  return dict(source)
+    paths = stdlib_docs.write_jsonl(os.path.join(workdir, "data", "raw"), config.data.validation_fraction)
+  else:
+    paths = dict(source)
+  builder = data.build_jsonl_classification(paths, os.path.join(workdir, "data", "tfds"), name=config.data.name,
+                                            on_bad_example=config.data.on_bad_example)
+  return {split: data.data_source(builder, split) for split in ("train", "validation")}
 
 
 def build(config: ml_collections.ConfigDict, workdir: str) -> Task:
@@ -47,15 +57,14 @@ def build(config: ml_collections.ConfigDict, workdir: str) -> Task:
   tokenizer.no_truncation()  # an over-long example must be seen (and raised or skipped), not cut silently
   tokenizer.no_padding()
 
-  builder = data.build_jsonl_classification(_splits(config, workdir), os.path.join(workdir, "data", "tfds"),
-                                            name=config.data.name, on_bad_example=config.data.on_bad_example)
-  labels = list(builder.info.features["label"].names)
+  sources = _sources(config, workdir)
+  labels = list(sources["train"].dataset_info.features[config.data.tfds.label_field].names)
   seq_len, micro_batch = config.data.seq_len, config.data.batch_size // config.train.accum_steps
 
   def batches(split: str, batch_size: int, shuffle: bool, num_epochs):
     return data.classification_batches(
-        data.data_source(builder, split), tokenizer, seq_len=seq_len, batch_size=batch_size, pad_token="[PAD]",
-        seed=config.seed, shuffle=shuffle, num_epochs=num_epochs, process_index=jax.process_index(),
+        sources[split], tokenizer, seq_len=seq_len, batch_size=batch_size, pad_token="[PAD]",
+        text_field=config.data.tfds.text_field, label_field=config.data.tfds.label_field, seed=config.seed, shuffle=shuffle, num_epochs=num_epochs, process_index=jax.process_index(),
         process_count=jax.process_count(), on_bad_example=config.data.on_bad_example)
 
   example = next(iter(batches("train", 2, False, 1)))
