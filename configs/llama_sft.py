@@ -67,6 +67,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   config.mesh = ml_collections.ConfigDict()
   config.mesh.axes = {"data": -1, "fsdp": 1, "tensor": 1}  # device mesh; one -1 takes the remaining devices
   config.mesh.rules = ()  # extra (regex, partition spec tuple) rules, before the model's defaults
+  config.mesh.num_devices = 0  # use the first N devices of the job (0 = all)
 
   config.distributed = ml_collections.ConfigDict()
   config.distributed.auto = False  # let JAX detect a TPU pod / SLURM / k8s cluster (jax.distributed.initialize())

@@ -5,6 +5,7 @@ from collections.abc import Mapping
 
 import jax
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 from jlora import _paths
 
@@ -26,9 +27,18 @@ def fingerprint(params: Mapping) -> str:
   """
   digest = hashlib.sha256()
   for path, leaf in sorted(_paths.iter_leaves(params)):
-    flat = leaf.reshape(-1) if hasattr(leaf, "reshape") else np.asarray(leaf).reshape(-1)
-    stride = max(1, flat.shape[0] // _SAMPLES)
-    sample = np.asarray(jax.device_get(flat[::stride][:_SAMPLES]))
+    sample = _sample(leaf)
     digest.update(f"{_paths.join(path)}|{tuple(leaf.shape)}|{np.dtype(leaf.dtype).name}|".encode())
     digest.update(np.ascontiguousarray(sample).tobytes())
   return "sha256:" + digest.hexdigest()
+
+
+def _sample(leaf) -> np.ndarray:
+  size = int(np.prod(leaf.shape))
+  stride = max(1, size // _SAMPLES)
+  if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+    # Other hosts hold parts of this array: gather only the strided sample, replicated to every host.
+    replicated = NamedSharding(leaf.sharding.mesh, PartitionSpec())
+    sample = jax.jit(lambda x: x.reshape(-1)[::stride][:_SAMPLES], out_shardings=replicated)(leaf)
+    return np.asarray(sample.addressable_data(0))
+  return np.asarray(jax.device_get(leaf.reshape(-1)[::stride][:_SAMPLES]))

@@ -8,14 +8,19 @@ SIGTERM, and exports the final adapter with its LoraConfig and base-model finger
 
 import logging
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 import jlora
+from jlora import sharding
 from train import tasks
 from train.checkpoint import Checkpointer
 from train.metrics import MetricWriter, plot_curves
@@ -33,11 +38,21 @@ def _stack_micro_batches(iterator, accum_steps: int) -> dict:
   return {k: np.stack([m[k] for m in micro]) for k in micro[0]}
 
 
-def _evaluate(task, eval_step, trainable) -> dict:
+def _host(x) -> np.ndarray:
+  """A replicated (or single-device) array's value on this host, also when other hosts hold copies."""
+  return np.asarray(x.addressable_data(0)) if isinstance(x, jax.Array) else np.asarray(x)
+
+
+def _global_batch(local: dict, batch_sharding: NamedSharding) -> dict:
+  """The global batch from every process's rows (``jax.make_array_from_process_local_data``)."""
+  return {k: jax.make_array_from_process_local_data(batch_sharding, v) for k, v in local.items()}
+
+
+def _evaluate(task, eval_step, trainable, params, eval_sharding) -> dict:
   sums: dict[str, float] = {}
   for batch in task.eval_batches():
-    for name, value in eval_step(trainable, task.params, batch).items():
-      sums[name] = sums.get(name, 0.0) + float(value)
+    for name, value in eval_step(trainable, params, _global_batch(batch, eval_sharding)).items():
+      sums[name] = sums.get(name, 0.0) + float(_host(value))
   return {name: float(value) for name, value in task.summarize_eval(sums).items()}
 
 
@@ -57,10 +72,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if is_main:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=2))
+  devices = jax.devices()[: config.mesh.num_devices] if config.mesh.num_devices else None
+  mesh = sharding.make_mesh(dict(config.mesh.axes), devices=devices)
   task = tasks.build(config, workdir)
   total_steps = config.train.steps
   tx = make_optimizer(config.optimizer, total_steps)
   schedule = learning_rate_schedule(config.optimizer, total_steps)
+
+  # The frozen base is sharded by rules; adapters follow their kernels; optimizer state its parameter.
+  rules = sharding.rules_from_config(config.mesh.rules, sharding.rules_for(task.lora.model))
+  param_specs = sharding.param_specs(task.params, rules, mesh)
+  param_shardings = sharding.named(param_specs, mesh)
+  params = sharding.shard(task.params, param_shardings)
+  replicated = NamedSharding(mesh, P())
+  batch_axes = tuple(a for a in ("data", "fsdp") if a in mesh.shape) or None
+  train_batch_sharding = NamedSharding(mesh, P(None, batch_axes))  # [accum, batch, ...]
+  eval_batch_sharding = NamedSharding(mesh, P(batch_axes))
 
   def initial_state():
     key = jax.random.PRNGKey(config.seed)
@@ -68,25 +95,37 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     return {"trainable": trainable, "opt_state": tx.init(trainable), "step": jnp.zeros((), jnp.int32),
             "rng": jax.random.fold_in(key, 1)}
 
-  state = initial_state()
+  abstract_state = jax.eval_shape(initial_state)
+  trainable_specs = {
+      name: (sharding.adapter_specs(tree, param_specs, task.lora.targets) if name == "lora"
+             else jax.tree.map(lambda _: P(), tree))
+      for name, tree in abstract_state["trainable"].items()
+  }
+  state_shardings = sharding.tree_shardings_like(abstract_state, trainable_specs, mesh)
+  state = jax.jit(initial_state, out_shardings=state_shardings)()
   if is_main:
     print(task.lora.summary(task.params, state["trainable"]["lora"]))
   train_iter = task.train_batches()
   checkpointer = Checkpointer(workdir, every=config.checkpoint.every, keep=config.checkpoint.keep,
                               use_async=config.checkpoint.use_async)
-  restored = checkpointer.restore_latest(jax.tree.map(ocp.utils.to_shape_dtype_struct, state))
+  target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), abstract_state,
+                        state_shardings)
+  restored = checkpointer.restore_latest(target)
   if restored is not None:
     state, data_state = restored
     train_iter.set_state(data_state["iterator"])
-    logging.warning("Resumed from %s at step %d.", checkpointer.directory, int(state["step"]))
+    logging.warning("Resumed from %s at step %d.", checkpointer.directory, int(_host(state["step"])))
 
-  train_step = jax.jit(make_train_step(task.loss, tx))
-  eval_step = jax.jit(task.eval_sums)
+  train_step = jax.jit(make_train_step(task.loss, tx), in_shardings=(state_shardings, param_shardings,
+                                                                     train_batch_sharding),
+                       out_shardings=(state_shardings, replicated))
+  eval_step = jax.jit(task.eval_sums, in_shardings=(state_shardings["trainable"], param_shardings,
+                                                    eval_batch_sharding), out_shardings=replicated)
   writer = MetricWriter(workdir)
-  start = int(state["step"])
+  start = int(_host(state["step"]))
   before = None
   if start == 0:
-    before = _evaluate(task, eval_step, state["trainable"])
+    before = _evaluate(task, eval_step, state["trainable"], params, eval_batch_sharding)
     writer.write(0, before)
     if is_main:
       print(f"eval before training: {_format(before)}")
@@ -95,7 +134,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   after, skipped, preempted = None, 0, False
   for step in range(start + 1, total_steps + 1):
     batch = _stack_micro_batches(train_iter, config.train.accum_steps)
-    state, metrics = train_step(state, task.params, batch)
+    state, metrics = train_step(state, params, _global_batch(batch, train_batch_sharding))
+    metrics = {k: _host(v) for k, v in metrics.items()}
     loss, finite = float(metrics["loss"]), bool(metrics["finite"])
     if not finite:
       if config.train.on_nonfinite == "stop":
@@ -109,10 +149,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if step % config.train.log_every == 0 or step == total_steps:
       writer.write(step, {"train/loss": loss, "train/grad_norm": float(metrics["grad_norm"]),
                           "train/learning_rate": float(schedule(step - 1)), "train/skipped_steps": skipped})
-    progress.update(step, loss=loss, tokens_per_step=sum(task.count_tokens({k: v[i] for k, v in batch.items()})
-                                                         for i in range(config.train.accum_steps)))
+    local_tokens = sum(task.count_tokens({k: v[i] for k, v in batch.items()}) for i in range(config.train.accum_steps))
+    progress.update(step, loss=loss, tokens_per_step=local_tokens * jax.process_count())  # hosts hold equal shares
     if step % config.train.eval_every == 0 or step == total_steps:
-      after = _evaluate(task, eval_step, state["trainable"])
+      after = _evaluate(task, eval_step, state["trainable"], params, eval_batch_sharding)
       writer.write(step, after)
     preempted = checkpointer.preempted
     checkpointer.maybe_save(step, state, {"iterator": train_iter.get_state()},
@@ -123,11 +163,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   writer.close()
 
   adapter_dir = None
-  last = int(state["step"])
+  last = int(_host(state["step"]))
   if not preempted:
     if is_main:
       print(f"eval after training:  {_format(after)}")
-    adapter_dir = _export(os.path.join(workdir, "adapter"), task, state["trainable"], config, last)
+    adapter_dir = _export(os.path.join(workdir, "adapter"), task, params, state["trainable"], last)
     plot_curves(workdir, ("train/loss", "eval/loss"))
   if is_main:
     print(f"data: {train_iter.report()}")
@@ -135,15 +175,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
           "adapter": adapter_dir}
 
 
-def _export(directory: str, task, trainable: dict, config: ml_collections.ConfigDict, step: int) -> str:
-  """The adapter alone (jlora.save_adapters) plus any other trained leaves (a task head) beside it."""
-  if os.path.exists(directory):
-    import shutil
-
-    if jax.process_index() == 0:
-      shutil.rmtree(directory)
+def _export(directory: str, task, params, trainable: dict, step: int) -> str:
+  """The adapter alone (jlora.save_adapters, written by all hosts) plus other trained leaves (a task head)."""
+  if jax.process_index() == 0 and os.path.exists(directory):
+    shutil.rmtree(directory)
+  multihost_utils.sync_global_devices("jlora_export_dir")
   jlora.save_adapters(directory, trainable["lora"], task.lora.config,
-                      base_fingerprint=jlora.fingerprint(task.params), extra={**task.metadata, "step": step})
+                      base_fingerprint=jlora.fingerprint(params), extra={**task.metadata, "step": step})
   others = {k: v for k, v in trainable.items() if k != "lora"}
   if others:
     with ocp.StandardCheckpointer() as checkpointer:
