@@ -5,7 +5,7 @@ tensor must be used, except the buffers and tied heads that the architecture's n
 ignorable. All problems are reported together, each naming its tensor.
 """
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 import dataclasses
 import json
 import os
@@ -18,6 +18,7 @@ from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding
 
 from jlora.models._bert import BertConfig, BertModel
 from jlora.models._errors import CheckpointError
@@ -27,6 +28,7 @@ from jlora.models._llama import LlamaConfig, LlamaForCausalLM
 from jlora.models._name_maps import NameMap, name_map
 from jlora.models._safetensors import WEIGHTS_FILE, SafetensorsReader, write_safetensors
 from jlora.models._stacking import RematPolicy
+from jlora.sharding import param_specs, rules_for
 
 Params = Any  # a nested dict of arrays
 Model = LlamaForCausalLM | GPT2LMHeadModel | BertModel
@@ -115,7 +117,11 @@ def _listing(kind: str, items: list[str]) -> str:
 
 
 def _load_params(
-    reader: SafetensorsReader, model: Model, ignore: Sequence[str]
+    reader: SafetensorsReader,
+    model: Model,
+    ignore: Sequence[str],
+    mesh: Mesh | None = None,
+    rules: Iterable[tuple[str, Any]] = (),
 ) -> Params:
   config = model.config
   names = name_map(config)
@@ -150,6 +156,8 @@ def _load_params(
         f"Checkpoint {reader.directory} does not fit {type(model).__name__}: " + "; ".join(problems) + "."
     )
 
+  if mesh is not None:
+    return _load_sharded(reader, slots, canonical, expected, config.param_dtype, mesh, rules)
   param_dtype = config.param_dtype
   layers: dict[str, list[np.ndarray | None]] = {}
   flat: dict[str, jax.Array] = {}
@@ -165,6 +173,57 @@ def _load_params(
   return traverse_util.unflatten_dict(flat, sep="/")
 
 
+def _shard_reader(
+    reader: SafetensorsReader, tensors: list[str], transpose: bool, stacked: bool, param_dtype: jnp.dtype
+) -> Callable[[tuple[slice, ...]], np.ndarray]:
+  """The ``jax.make_array_from_callback`` callback of one param: reads just the requested block.
+
+  ``tensors`` are the checkpoint names of the param (one per layer when ``stacked``). Devices that
+  hold the same block (replicas) share one read.
+  """
+  blocks: dict[tuple, np.ndarray] = {}
+
+  def read_one(name: str, index: tuple[slice, ...]) -> np.ndarray:
+    block = reader.get_slice(name, index[::-1] if transpose else index)
+    return (block.T if transpose else block).astype(param_dtype)
+
+  def read(index: tuple[slice, ...]) -> np.ndarray:
+    key = tuple((s.start, s.stop, s.step) for s in index)  # slices are unhashable before Python 3.12
+    if key not in blocks:
+      if stacked:
+        layers = range(len(tensors))[index[0]]
+        blocks[key] = np.stack([read_one(tensors[layer], index[1:]) for layer in layers])
+      else:
+        blocks[key] = read_one(tensors[0], index)
+    return blocks[key]
+
+  return read
+
+
+def _load_sharded(
+    reader: SafetensorsReader,
+    slots: list[_Slot],
+    canonical: dict[str, str],
+    expected: dict[str, jax.ShapeDtypeStruct],
+    param_dtype: jnp.dtype,
+    mesh: Mesh,
+    rules: Iterable[tuple[str, Any]],
+) -> Params:
+  """Each param as a global ``jax.Array`` sharded by ``rules``, built from the blocks this host's devices hold."""
+  shapes = traverse_util.unflatten_dict(expected, sep="/")
+  specs = traverse_util.flatten_dict(param_specs(shapes, rules, mesh), sep="/")
+  tensors: dict[str, list[str]] = {}
+  for slot in slots:
+    tensors.setdefault(slot.param_path, []).append(canonical[slot.hf_name])
+  transposed = {slot.param_path: slot.transpose for slot in slots}
+  stacked = {slot.param_path: slot.layer is not None for slot in slots}
+  flat = {}
+  for path, shape in expected.items():
+    read = _shard_reader(reader, tensors[path], transposed[path], stacked[path], param_dtype)
+    flat[path] = jax.make_array_from_callback(shape.shape, NamedSharding(mesh, specs[path]), read, dtype=param_dtype)
+  return traverse_util.unflatten_dict(flat, sep="/")
+
+
 def from_pretrained(
     path: str | os.PathLike,
     *,
@@ -173,6 +232,8 @@ def from_pretrained(
     scan_layers: bool | None = None,
     remat: RematPolicy = "none",
     ignore: Sequence[str] = (),
+    mesh: Mesh | None = None,
+    rules: Iterable[tuple[str, Any]] | None = None,
 ) -> tuple[Model, Params]:
   """Loads a Hugging Face checkpoint directory (``config.json`` + ``*.safetensors``).
 
@@ -181,6 +242,11 @@ def from_pretrained(
   Sharded checkpoints (``model.safetensors.index.json``) and bfloat16 tensors are read with numpy;
   torch is never imported. Kernels are transposed to ``(in, out)``; with ``scan_layers`` per-layer
   tensors are stacked along a leading axis.
+
+  With a ``mesh``, every param is a global ``jax.Array`` sharded by ``rules``
+  (``jlora.sharding.param_specs``), built by ``jax.make_array_from_callback``: each host reads from the
+  files only the blocks its own devices hold (a stacked param reads its block of every layer's
+  tensor), so no host holds a whole split tensor. Replicated params are read whole.
 
   Args:
     path: the checkpoint directory.
@@ -191,6 +257,10 @@ def from_pretrained(
     ignore: regexes (fullmatch) of checkpoint tensor names to leave out, as if absent: e.g.
       ``[r"cls\\..*"]`` for the masked-LM head of a ``BertForMaskedLM`` file, or ``[r"pooler\\..*"]``
       for a BERT without its pooler. Ignoring a tensor the model needs is a "missing" error.
+    mesh: a ``jax.sharding.Mesh`` (``jlora.sharding.make_mesh``) to load the params straight into
+      shards; None loads them whole onto the default device.
+    rules: ``(regex, PartitionSpec)`` sharding rules for the params (with ``mesh`` only); None uses
+      ``jlora.sharding.rules_for(model)``.
 
   Returns:
     ``(model, params)``: a flax module and its ``params`` tree; call
@@ -198,7 +268,8 @@ def from_pretrained(
 
   Raises:
     CheckpointError: unsupported ``model_type`` or setting; missing, unexpected or mis-shaped tensors
-      (all named in the message).
+      (all named in the message); ``rules`` without a ``mesh``.
+    JloraError: with ``mesh``, params that no rule covers or whose spec does not fit the mesh.
 
   Example:
     >>> import tempfile, jax, jax.numpy as jnp
@@ -214,6 +285,8 @@ def from_pretrained(
     >>> loaded_params["transformer"]["h_1"]["attn"]["c_attn"]["kernel"].shape
     (16, 48)
   """
+  if rules is not None and mesh is None:
+    raise CheckpointError("from_pretrained got sharding rules but no mesh; pass mesh=jlora.sharding.make_mesh(...).")
   directory = pathlib.Path(path)
   config_file = directory / "config.json"
   if not config_file.exists():
@@ -228,7 +301,9 @@ def from_pretrained(
       canonical = _canonical_names(list(reader.names()), name_map(config), ignore)
       runtime["add_pooling_layer"] = any(name.startswith("pooler.") for name in canonical)
     model = model_for_config(dataclasses.replace(config, **runtime))
-    params = _load_params(reader, model, ignore)
+    if mesh is not None and rules is None:
+      rules = rules_for(model)
+    params = _load_params(reader, model, ignore, mesh, rules or ())
   return model, params
 
 

@@ -80,6 +80,13 @@ class SafetensorsReader:
     except Exception as e:  # safetensors raises its own error types
       raise CheckpointError(f"Could not read tensor {name!r} from {self._where[name]}: {e}") from e
 
+  def get_slice(self, name: str, index: tuple[slice, ...]) -> np.ndarray:
+    """``tensor[index]`` of tensor ``name``, reading only that part of the file (one slice per dimension)."""
+    try:
+      return self._files[self._where[name]].get_slice(name)[index]
+    except Exception as e:  # safetensors raises its own error types
+      raise CheckpointError(f"Could not read {index} of tensor {name!r} from {self._where[name]}: {e}") from e
+
 
 def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray]) -> None:
   """Writes ``tensors`` to one ``.safetensors`` file that transformers loads (``format: pt``).
