@@ -74,16 +74,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       f.write(config.to_json_best_effort(indent=2))
   devices = jax.devices()[: config.mesh.num_devices] if config.mesh.num_devices else None
   mesh = sharding.make_mesh(dict(config.mesh.axes), devices=devices)
-  task = tasks.build(config, workdir)
+  task = tasks.build(config, workdir, mesh)
   total_steps = config.train.steps
   tx = make_optimizer(config.optimizer, total_steps)
   schedule = learning_rate_schedule(config.optimizer, total_steps)
 
-  # The frozen base is sharded by rules; adapters follow their kernels; optimizer state its parameter.
-  rules = sharding.rules_from_config(config.mesh.rules, sharding.rules_for(task.lora.model))
-  param_specs = sharding.param_specs(task.params, rules, mesh)
+  # The frozen base arrives sharded by its rules; adapters follow their kernels; optimizer state its parameter.
+  params = task.params
+  param_specs = jax.tree.map(lambda x: x.sharding.spec, params)
   param_shardings = sharding.named(param_specs, mesh)
-  params = sharding.shard(task.params, param_shardings)
   replicated = NamedSharding(mesh, P())
   batch_axes = tuple(a for a in ("data", "fsdp") if a in mesh.shape) or None
   train_batch_sharding = NamedSharding(mesh, P(None, batch_axes))  # [accum, batch, ...]

@@ -61,6 +61,9 @@ def format_skips(counts: dict[str, int]) -> str:
   return f"{total} skipped (" + ", ".join(f"{k}: {counts[k]}" for k in sorted(counts)) + ")"
 
 
+_WARNED_CONTEXTS: set[str] = set()  # dataset splits whose first skip was already logged
+
+
 class BadExamplePolicy:
   """Applies ``on_bad_example`` to bad examples: raise a ``DataError``, or count the skip by reason.
 
@@ -85,8 +88,10 @@ class BadExamplePolicy:
     if not count:
       return
     self.counts[bad.reason] = self.counts.get(bad.reason, 0) + 1
-    if not self._warned:
+    if not self._warned and self.context not in _WARNED_CONTEXTS:
+      # Once per dataset split and process: every eval pass builds a fresh iterator over the same data.
       self._warned = True
+      _WARNED_CONTEXTS.add(self.context)
       logging.warning(
           "%s: skipping bad examples (on_bad_example='skip'); first: %s: %s: %s. Totals are reported at the end.",
           self.context, where, bad.reason, bad.detail,

@@ -3,12 +3,13 @@
 import jax
 import ml_collections
 from jax.experimental import multihost_utils
+from jax.sharding import Mesh
 
 from train.tasks.base import Task
 
 
-def build(config: ml_collections.ConfigDict, workdir: str) -> Task:
-  """Builds the task ``config.task`` ("classification" or "causal_lm").
+def build(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh) -> Task:
+  """Builds the task ``config.task`` ("classification" or "causal_lm"), its base loaded onto ``mesh``.
 
   With several processes, process 0 builds first (writing datasets and any local checkpoint into the
   shared workdir) and the others follow after a barrier, reusing what it wrote.
@@ -22,7 +23,7 @@ def build(config: ml_collections.ConfigDict, workdir: str) -> Task:
   several = jax.process_count() > 1
   if several and jax.process_index() != 0:
     multihost_utils.sync_global_devices("jlora_task_prepared")
-  task = module.build(config, workdir)
+  task = module.build(config, workdir, mesh)
   if several and jax.process_index() == 0:
     multihost_utils.sync_global_devices("jlora_task_prepared")
   return task

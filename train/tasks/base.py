@@ -1,12 +1,18 @@
 """What the training loop needs from a task: frozen params, a trainable init, a loss and an eval."""
 
 import dataclasses
+import json
+import os
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+import ml_collections
+from jax.sharding import Mesh
 
 import jlora
+from jlora import models, sharding
 
 
 @dataclasses.dataclass
@@ -36,3 +42,17 @@ class Task:
   eval_batches: Callable[[], Iterable[dict]]
   count_tokens: Callable[[dict], int]
   metadata: dict
+
+
+def sharding_rules(path: str, config: ml_collections.ConfigDict) -> sharding.Rules:
+  """``config.mesh.rules`` first, then the default rules of the checkpoint's architecture."""
+  with open(os.path.join(path, "config.json")) as f:
+    model = models.model_for_config(models.config_from_hf(json.load(f)))
+  return sharding.rules_from_config(config.mesh.rules, sharding.rules_for(model))
+
+
+def load_base(path: str, config: ml_collections.ConfigDict, mesh: Mesh, **kwargs):
+  """The frozen base, loaded straight into its shards on ``mesh`` (no host holds whole sharded tensors)."""
+  return models.from_pretrained(path, dtype=jnp.dtype(config.model.dtype),
+                                param_dtype=jnp.dtype(config.model.param_dtype), mesh=mesh,
+                                rules=sharding_rules(path, config), **kwargs)

@@ -16,7 +16,9 @@ import jlora
 from jlora import models
 from train import data
 from train.tasks import pydoc_sft
-from train.tasks.base import Task
+from jax.sharding import Mesh
+
+from train.tasks.base import Task, load_base
 
 
 def _checkpoint(config: ml_collections.ConfigDict, workdir: str) -> str:
@@ -42,11 +44,9 @@ def _sources(config: ml_collections.ConfigDict, workdir: str) -> dict:
   return {split: data.data_source(builder, split) for split in ("train", "validation")}
 
 
-def build(config: ml_collections.ConfigDict, workdir: str) -> Task:
+def build(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh) -> Task:
   path = _checkpoint(config, workdir)
-  model, params = models.from_pretrained(path, dtype=jnp.dtype(config.model.dtype),
-                                         param_dtype=jnp.dtype(config.model.param_dtype),
-                                         scan_layers=config.model.scan_layers, remat=config.model.remat)
+  model, params = load_base(path, config, mesh, scan_layers=config.model.scan_layers, remat=config.model.remat)
   tokenizer = models.load_tokenizer(path)
   tokenizer.no_truncation()
   tokenizer.no_padding()

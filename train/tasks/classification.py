@@ -20,7 +20,9 @@ import jlora
 from jlora import models
 from train import data
 from train.tasks import stdlib_docs
-from train.tasks.base import Task
+from jax.sharding import Mesh
+
+from train.tasks.base import Task, load_base
 
 
 def minilm_dir() -> str:
@@ -49,10 +51,9 @@ def _sources(config: ml_collections.ConfigDict, workdir: str) -> dict:
   return {split: data.data_source(builder, split) for split in ("train", "validation")}
 
 
-def build(config: ml_collections.ConfigDict, workdir: str) -> Task:
+def build(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh) -> Task:
   path = config.model.path or minilm_dir()
-  model, params = models.from_pretrained(path, dtype=jnp.dtype(config.model.dtype),
-                                         param_dtype=jnp.dtype(config.model.param_dtype), ignore=[r"pooler\..*"])
+  model, params = load_base(path, config, mesh, ignore=[r"pooler\..*"])
   tokenizer = models.load_tokenizer(path)
   tokenizer.no_truncation()  # an over-long example must be seen (and raised or skipped), not cut silently
   tokenizer.no_padding()
