@@ -10,22 +10,40 @@ Public API (everything else is private):
   checkpoints carrying the LoraConfig and a fingerprint of the base model.
 * ``Summary``, ``TargetRow``, ``Target``, ``KernelLayout``, ``Variant``, ``LORA``: the data types.
 * ``JloraError``: the one error type for unusable configs, adapters and models.
+* ``UnsafeAdapterError``, ``AdapterNormWarning``, ``LoadPolicy``: the safety checks every adapter load path applies
+  (never pickle; size caps; float dtypes; exact keys/shapes; finite; fingerprint; SHA256SUMS manifest).
+* ``norm_report``, ``NormReport``, ``NormRow``: per-module ``||s A@B|| / ||W||`` with robust outlier flags.
+* ``write_manifest``, ``verify_manifest``, ``adapter_shapes``: manifests and a saved adapter's shapes.
+* ``jlora.peft``: Hugging Face PEFT export/import and merged checkpoints for ``jlora.models``.
+* ``jlora.sharding``: meshes, partition rules, adapter shardings derived from the base.
 * ``jlora.nnx``: the same for ``flax.nnx`` models (model surgery).
 """
 
-from jlora._adapter_checkpoint import load_adapter_metadata, load_adapters, save_adapters
+from jlora._adapter_checkpoint import adapter_shapes, load_adapter_metadata, load_adapters, save_adapters
 from jlora._config import LoraConfig
 from jlora._errors import JloraError
 from jlora._fingerprint import fingerprint
 from jlora._layout import KernelLayout
 from jlora._lora import Lora
+from jlora._safety import AdapterNormWarning, LoadPolicy, NormReport, NormRow, UnsafeAdapterError
+from jlora._safety import norm_report, verify_manifest, write_manifest
 from jlora._optim import adapter_labels, adapters_only, lora_plus
 from jlora._summary import Summary, TargetRow
 from jlora._targets import Target
 from jlora._variant import LORA, Variant
+from jlora import sharding  # noqa: E402  (after the names it imports)
 
 __all__ = [
+    "AdapterNormWarning",
     "LORA",
+    "LoadPolicy",
+    "NormReport",
+    "NormRow",
+    "UnsafeAdapterError",
+    "adapter_shapes",
+    "norm_report",
+    "verify_manifest",
+    "write_manifest",
     "JloraError",
     "KernelLayout",
     "Lora",
@@ -41,4 +59,5 @@ __all__ = [
     "load_adapters",
     "lora_plus",
     "save_adapters",
+    "sharding",
 ]

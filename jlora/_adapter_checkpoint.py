@@ -1,7 +1,13 @@
-"""Adapter-only checkpoints through orbax, with the LoRA config and base fingerprint as metadata."""
+"""Adapter-only checkpoints through orbax, with the LoRA config, base fingerprint and a SHA-256 manifest.
+
+Loading applies jlora's adapter safety checks (``jlora.LoadPolicy``): no pickled files, size caps,
+the manifest when present (or required), strict metadata JSON, the exact expected tree with float
+dtypes only, finite values, the base fingerprint, and (given the base) the update-norm report.
+"""
 
 import json
 import os
+import pathlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -10,14 +16,30 @@ import orbax.checkpoint as ocp
 
 from jlora._config import LoraConfig
 from jlora._errors import JloraError
+from jlora._fingerprint import fingerprint
+from jlora._safety import (
+  LoadPolicy,
+  UnsafeAdapterError,
+  check_dtypes,
+  check_finite,
+  enforce_norms,
+  norm_report,
+  read_json,
+  refuse_pickle_name,
+  verify_manifest,
+  write_manifest,
+)
+from jlora._safety._regex import check_regex
 
 _METADATA = "jlora_adapter.json"
 _FORMAT = "jlora-adapter/1"
+_ITEM = "adapters"
 
 
 def save_adapters(path: str | os.PathLike, adapters: Mapping, config: LoraConfig, *,
-                  base_fingerprint: str | None = None, extra: Mapping[str, Any] | None = None) -> None:
-  """Writes ``adapters`` (orbax, under ``path/adapters``) and ``path/jlora_adapter.json``.
+                  base_fingerprint: str | None = None, extra: Mapping[str, Any] | None = None,
+                  manifest: bool = True) -> None:
+  """Writes ``adapters`` (orbax, under ``path/adapters``), ``path/jlora_adapter.json`` and ``path/SHA256SUMS``.
 
   Args:
     path: a new directory.
@@ -25,37 +47,116 @@ def save_adapters(path: str | os.PathLike, adapters: Mapping, config: LoraConfig
     config: the LoraConfig the adapters were trained with.
     base_fingerprint: ``jlora.fingerprint(params)`` of the base model, checked on load.
     extra: more JSON-serialisable metadata (e.g. training step, base model path).
+    manifest: write a ``SHA256SUMS`` manifest of every file (``sha256sum -c`` format); a loader
+      then refuses any modified file.
   """
   path = os.path.abspath(os.fspath(path))
   with ocp.StandardCheckpointer() as checkpointer:
-    checkpointer.save(os.path.join(path, "adapters"), adapters)
+    checkpointer.save(os.path.join(path, _ITEM), adapters)
   if jax.process_index() == 0:
     metadata = {"format": _FORMAT, "lora_config": config.to_dict(), "base_fingerprint": base_fingerprint,
                 "extra": dict(extra or {})}
     with open(os.path.join(path, _METADATA), "w") as f:
       json.dump(metadata, f, indent=2, sort_keys=True)
+    if manifest:
+      write_manifest(path)
 
 
-def load_adapter_metadata(path: str | os.PathLike) -> dict:
-  """The metadata of a saved adapter: ``lora_config`` (a LoraConfig), ``base_fingerprint``, ``extra``."""
-  file = os.path.join(os.fspath(path), _METADATA)
-  try:
-    with open(file) as f:
-      metadata = json.load(f)
-  except FileNotFoundError:
-    raise JloraError(f"{file} not found: {os.fspath(path)!r} is not a jlora adapter directory.") from None
-  except json.JSONDecodeError as e:
-    raise JloraError(f"{file} is not valid JSON: {e}") from None
+def load_adapter_metadata(path: str | os.PathLike, *, policy: LoadPolicy | None = None) -> dict:
+  """The metadata of a saved adapter: ``lora_config`` (a LoraConfig), ``base_fingerprint``, ``extra``.
+
+  Raises:
+    UnsafeAdapterError: not an adapter directory, or metadata that is oversized, malformed or of an
+      unknown format.
+  """
+  policy = policy or LoadPolicy()
+  file = pathlib.Path(os.fspath(path)) / _METADATA
+  if not file.exists():
+    raise UnsafeAdapterError(f"{file} not found: {os.fspath(path)!r} is not a jlora adapter directory.")
+  metadata = read_json(file, policy.max_json_bytes, "Adapter metadata")
   if not isinstance(metadata, dict) or metadata.get("format") != _FORMAT:
-    raise JloraError(f"{file}: unknown adapter format {metadata.get('format') if isinstance(metadata, dict) else None!r}, "
-                     f"expected {_FORMAT!r}.")
-  metadata["lora_config"] = LoraConfig.from_dict(metadata["lora_config"])
+    raise UnsafeAdapterError(f"{file}: unknown adapter format "
+                             f"{metadata.get('format') if isinstance(metadata, dict) else None!r}, expected {_FORMAT!r}.")
+  if set(metadata) != {"format", "lora_config", "base_fingerprint", "extra"}:
+    raise UnsafeAdapterError(f"{file} has keys {sorted(metadata)}; expected format, lora_config, base_fingerprint, "
+                             "extra.")
+  if not isinstance(metadata["lora_config"], dict) or not isinstance(metadata["extra"], dict) or not (
+      metadata["base_fingerprint"] is None or isinstance(metadata["base_fingerprint"], str)):
+    raise UnsafeAdapterError(f"{file}: lora_config and extra must be objects and base_fingerprint a string or null.")
+  raw = metadata["lora_config"]
+  targets = raw.get("targets", [])
+  for rule in [targets] if isinstance(targets, str) else targets if isinstance(targets, list) else [targets]:
+    check_regex(rule, f"{file}: lora_config.targets")
+  for key in ("rank_pattern", "alpha_pattern"):
+    for rule in raw.get(key) or {}:
+      check_regex(rule, f"{file}: lora_config.{key}")
+  try:
+    metadata["lora_config"] = LoraConfig.from_dict(raw)
+  except (JloraError, TypeError) as e:
+    raise UnsafeAdapterError(f"{file}: lora_config is not a valid LoraConfig: {e}") from None
   return metadata
 
 
-def load_adapters(path: str | os.PathLike, target: Mapping, *, base_fingerprint: str | None = None
-                  ) -> tuple[dict, LoraConfig]:
-  """Restores an adapter saved by ``save_adapters``.
+def _saved_tree(checkpointer: ocp.StandardCheckpointer, item: str) -> dict:
+  saved = checkpointer.metadata(item)
+  saved_tree = getattr(saved, "item_metadata", saved)
+  saved_tree = getattr(saved_tree, "tree", saved_tree)
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(tuple(x.shape), x.dtype), dict(saved_tree))
+
+
+def adapter_shapes(path: str | os.PathLike, *, policy: LoadPolicy | None = None) -> dict:
+  """The tree saved by ``save_adapters`` as ``jax.ShapeDtypeStruct`` leaves, read from orbax's metadata.
+
+  No array data is read: use it to inspect an adapter, or to pick the matching model layout (stacked
+  ``layers/...`` vs unrolled ``layers_0/...`` paths) before building a restore target. The file checks
+  of ``load_adapters`` (no pickles, size caps, the manifest) run first.
+
+  Raises:
+    UnsafeAdapterError: a refused file or manifest mismatch, or no readable orbax adapter tree.
+  """
+  policy = policy or LoadPolicy()
+  directory = pathlib.Path(os.path.abspath(os.fspath(path)))
+  verify_manifest(directory, covering=tuple(_check_files(directory, policy)), policy=policy)
+  item = str(directory / _ITEM)
+  try:
+    with ocp.StandardCheckpointer() as checkpointer:
+      return _saved_tree(checkpointer, item)
+  except Exception as e:  # orbax raises many types for a missing or damaged checkpoint
+    raise UnsafeAdapterError(f"No readable adapter tree under {item}: {type(e).__name__}: {str(e)[:300]}") from e
+
+
+def _check_files(directory: pathlib.Path, policy: LoadPolicy) -> list[str]:
+  """The files a load reads (the metadata and the orbax tree), after pickle and size checks.
+
+  Other entries of the directory (e.g. a training job's extra checkpoints) are not read, so they
+  need not be in the manifest.
+  """
+  if not directory.is_dir():
+    raise UnsafeAdapterError(f"{directory} is not a directory.")
+  files = [directory / _METADATA, *sorted(p for p in (directory / _ITEM).rglob("*") if p.is_file())]
+  for file in files:
+    refuse_pickle_name(file)
+    if file.is_file() and file.stat().st_size > policy.max_file_bytes:
+      raise UnsafeAdapterError(f"{file} is {file.stat().st_size:,} bytes, over the {policy.max_file_bytes:,}-byte "
+                               "cap (LoadPolicy.max_file_bytes).")
+  return [f.relative_to(directory).as_posix() for f in files if f.is_file()]
+
+
+def _abstract(target: Mapping, sharding: Any) -> Any:
+  if sharding is not None:
+    target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), target,
+                          sharding if not isinstance(sharding, jax.sharding.Sharding)
+                          else jax.tree.map(lambda _: sharding, target))
+  return jax.tree.map(
+      lambda x: x if isinstance(x, jax.ShapeDtypeStruct) else jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                                                                    sharding=getattr(x, "sharding", None)),
+      target)
+
+
+def load_adapters(path: str | os.PathLike, target: Mapping, *, base_fingerprint: str | None = None,
+                  sharding: Any = None, params: Mapping | None = None, lora: Any = None,
+                  policy: LoadPolicy | None = None) -> tuple[dict, LoraConfig]:
+  """Restores an adapter saved by ``save_adapters``, through jlora's adapter safety checks.
 
   Args:
     path: the directory given to ``save_adapters``.
@@ -63,30 +164,51 @@ def load_adapters(path: str | os.PathLike, target: Mapping, *, base_fingerprint:
       restore straight onto a mesh), e.g. ``jax.eval_shape(lora.init, key, params, x)``. The saved
       tree must have exactly this structure, shapes and dtypes.
     base_fingerprint: if given, must equal the fingerprint stored at save time (when one was stored).
+    sharding: a ``jax.sharding.Sharding`` for every leaf, or a tree of them like ``target``;
+      overrides the shardings in ``target``.
+    params: the base params; their fingerprint is checked when ``base_fingerprint`` is not given and,
+      with ``lora``, the update-norm report runs.
+    lora: the traced ``jlora.Lora`` the adapters belong to (enables the norm report, with ``params``).
+    policy: size caps, manifest requirement and norm strictness (``jlora.LoadPolicy()`` by default).
 
   Returns:
     ``(adapters, config)``.
 
   Raises:
-    JloraError: missing/invalid metadata, a base-model mismatch, or a tree that does not match ``target``.
+    UnsafeAdapterError: a pickled or oversized file, a manifest mismatch, missing/invalid metadata, a
+      base-model mismatch, a tree that does not match ``target``, a non-float dtype, NaN/inf values,
+      or (strict policy) outlier update norms. Norm outliers warn (``AdapterNormWarning``) otherwise.
   """
-  metadata = load_adapter_metadata(path)
+  policy = policy or LoadPolicy()
+  directory = pathlib.Path(os.path.abspath(os.fspath(path)))
+  files = _check_files(directory, policy)
+  verify_manifest(directory, covering=tuple(files), policy=policy)
+  metadata = load_adapter_metadata(directory, policy=policy)
   stored = metadata["base_fingerprint"]
+  if base_fingerprint is None and params is not None:
+    base_fingerprint = fingerprint(params)
   if base_fingerprint is not None and stored is not None and stored != base_fingerprint:
-    raise JloraError(f"Adapter at {os.fspath(path)!r} was trained on a different base model "
-                     f"(fingerprint {stored}, this base {base_fingerprint}).")
-  abstract = jax.tree.map(
-      lambda x: x if isinstance(x, jax.ShapeDtypeStruct) else jax.ShapeDtypeStruct(x.shape, x.dtype,
-                                                                                    sharding=getattr(x, "sharding", None)),
-      target)
-  with ocp.StandardCheckpointer() as checkpointer:
-    saved = checkpointer.metadata(os.path.join(os.path.abspath(os.fspath(path)), "adapters"))
-    saved_tree = getattr(saved, "item_metadata", saved)
-    saved_tree = getattr(saved_tree, "tree", saved_tree)
-    want = jax.tree.map(lambda x: (tuple(x.shape), str(x.dtype)), abstract)
-    got = jax.tree.map(lambda x: (tuple(x.shape), str(x.dtype)), dict(saved_tree))
-    if want != got:
-      raise JloraError(f"Adapter at {os.fspath(path)!r} does not match the expected tree:\n saved:    {got}\n "
-                       f"expected: {want}")
-    adapters = checkpointer.restore(os.path.join(os.path.abspath(os.fspath(path)), "adapters"), abstract)
+    raise UnsafeAdapterError(f"Adapter at {os.fspath(path)!r} was trained on a different base model "
+                             f"(fingerprint {stored}, this base {base_fingerprint}).")
+  abstract = _abstract(target, sharding)
+  check_dtypes(abstract, f"target for {os.fspath(path)!r}")
+  item = str(directory / _ITEM)
+  try:
+    with ocp.StandardCheckpointer() as checkpointer:
+      got = jax.tree.map(lambda x: (tuple(x.shape), str(x.dtype)), _saved_tree(checkpointer, item))
+      want = jax.tree.map(lambda x: (tuple(x.shape), str(x.dtype)), abstract)
+      if want != got:
+        raise UnsafeAdapterError(f"Adapter at {os.fspath(path)!r} does not match the expected tree:\n saved:    {got}\n "
+                                 f"expected: {want}")
+      adapters = checkpointer.restore(item, abstract)
+  except UnsafeAdapterError:
+    raise
+  except Exception as e:  # orbax/tensorstore raise many types for a damaged checkpoint
+    raise UnsafeAdapterError(f"Adapter at {os.fspath(path)!r} could not be read by orbax: {type(e).__name__}: "
+                             f"{str(e)[:500]}") from e
+  check_finite(adapters, f"at {os.fspath(path)!r}")
+  if lora is not None:
+    if params is None:
+      raise JloraError("load_adapters(lora=...) needs params= too: the norm report compares updates with the base.")
+    enforce_norms(norm_report(lora, params, adapters, policy), policy, repr(os.fspath(path)))
   return adapters, metadata["lora_config"]

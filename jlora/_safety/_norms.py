@@ -1,0 +1,182 @@
+"""Per-module update norms ``||s A@B||_F / ||W||_F`` and their spread: a screen for broken adapters.
+
+A poisoned, diverged or mis-scaled module shows up as an update that is large relative to its
+frozen kernel, or far larger than the other modules' updates. Ratios are compared on a log scale
+(they are multiplicative): the robust z-score of module ``m`` is ``0.6745 * (log q_m - median) / MAD``
+with the median and median absolute deviation of ``log q`` over modules whose update is non-zero.
+A module is flagged when its ratio exceeds ``max_relative_update`` or when both its z-score and its
+ratio to the median are high; only upward deviations count (a small update harms nothing).
+"""
+
+import dataclasses
+import functools
+import math
+import warnings
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jlora import _paths
+from jlora._errors import JloraError
+from jlora._safety._errors import AdapterNormWarning, UnsafeAdapterError
+from jlora._safety._policy import LoadPolicy
+from jlora._safety._trees import to_host
+
+_MAD_TO_SIGMA = 0.6745
+
+
+@dataclasses.dataclass(frozen=True)
+class NormRow:
+  """One module (one layer of a stacked kernel): its update norm, kernel norm and how unusual it is.
+
+  Attributes:
+    module: the kernel path, with ``[i]`` for layer ``i`` of a stacked (``nn.scan``) kernel.
+    update_norm: ``||s A@B||_F``.
+    weight_norm: ``||W||_F`` of the frozen kernel.
+    ratio: ``update_norm / weight_norm``.
+    ratio_to_median: ``ratio`` over the median ratio of all modules with a non-zero update.
+    robust_z: MAD-based z-score of ``log(ratio)`` (0 for a zero update).
+    flag: why the module is flagged, or None.
+  """
+
+  module: str
+  update_norm: float
+  weight_norm: float
+  ratio: float
+  ratio_to_median: float
+  robust_z: float
+  flag: str | None
+
+
+@dataclasses.dataclass(frozen=True)
+class NormReport:
+  """The per-module norm table and its summary; ``print`` it for a readable table."""
+
+  rows: tuple[NormRow, ...]
+  median_ratio: float
+  mad_log: float
+
+  @property
+  def outliers(self) -> tuple[NormRow, ...]:
+    """The flagged rows."""
+    return tuple(row for row in self.rows if row.flag)
+
+  def describe_outliers(self) -> str:
+    return "; ".join(f"{row.module}: ratio {row.ratio:.3g} ({row.ratio_to_median:.3g}x median, z {row.robust_z:.3g}) "
+                     f"- {row.flag}" for row in self.outliers[:8])
+
+  def __str__(self) -> str:
+    header = ("module", "|s·A@B|", "|W|", "ratio", "x median", "robust z", "flag")
+    body = [(r.module, f"{r.update_norm:.4g}", f"{r.weight_norm:.4g}", f"{r.ratio:.4g}", f"{r.ratio_to_median:.3g}",
+             f"{r.robust_z:.3g}", r.flag or "") for r in self.rows]
+    widths = [max(len(c) for c in column) for column in zip(header, *body)]
+    line = "  ".join(f"{{:<{w}}}" for w in widths)
+    lines = [line.format(*header), line.format(*("-" * w for w in widths))] + [line.format(*row) for row in body]
+    lines.append(f"{len(self.rows)} modules, median ratio {self.median_ratio:.4g}, MAD(log ratio) {self.mad_log:.3g}, "
+                 f"{len(self.outliers)} flagged")
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def _update_norms(lora_a: np.ndarray, lora_b: np.ndarray, n_stack: int, n_batch: int, rank: int) -> np.ndarray:
+  """``||A@B||_F`` per stacked layer, via r x r Gram matrices (never materialising ``A@B``)."""
+  stack = lora_a.shape[:n_stack]
+  slices = math.prod(lora_a.shape[n_stack:n_stack + n_batch])
+  a = lora_a.astype(np.float64).reshape(math.prod(stack), slices, -1, rank)
+  b = lora_b.astype(np.float64).reshape(math.prod(stack), slices, rank, -1)
+  gram_a = np.einsum("sbir,sbiq->sbrq", a, a)
+  gram_b = np.einsum("sbro,sbqo->sbrq", b, b)
+  squared = np.einsum("sbrq,sbrq->s", gram_a, gram_b)
+  return np.sqrt(np.maximum(squared, 0.0))
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _weight_norms(kernels: list, stacks: tuple[int, ...]) -> list:
+  """``||W||_F`` per stacked layer of every kernel, in one compiled computation (no host gather)."""
+  return [jnp.sqrt(jnp.sum(jnp.square(jnp.asarray(w, jnp.float32)).reshape(math.prod(w.shape[:n]), -1), axis=1))
+          for w, n in zip(kernels, stacks)]
+
+
+def norm_report(lora, params: Mapping, adapters: Mapping, policy: LoadPolicy | None = None) -> NormReport:
+  """Per-module ``||s·A@B||_F / ||W||_F`` with median, MAD-based robust z-scores and flagged outliers.
+
+  Each layer of a stacked kernel is its own module. ``lora`` must have traced its model
+  (``lora.init`` / ``lora.trace``), which gives every target's layout, stacking and scale.
+
+  Args:
+    lora: a traced ``jlora.Lora``.
+    params: the frozen base params.
+    adapters: the adapter tree.
+    policy: the thresholds (``outlier_z``, ``outlier_ratio``, ``max_relative_update``).
+
+  Returns:
+    A ``NormReport``; ``report.outliers`` are the flagged modules.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, flax.linen as nn, jlora
+    >>> model = nn.Sequential([nn.Dense(8, name="a"), nn.Dense(8, name="b")])
+    >>> x = jnp.ones((1, 8))
+    >>> params = model.init(jax.random.key(0), x)["params"]
+    >>> lora = jlora.Lora(model, jlora.LoraConfig(targets=r".*/kernel", rank=2, alpha=2.0))
+    >>> adapters = jax.tree.map(lambda v: v + 0.01, lora.init(jax.random.key(1), params, x))
+    >>> report = jlora.norm_report(lora, params, adapters)
+    >>> [row.module for row in report.rows], report.outliers
+    (['layers_0/kernel', 'layers_1/kernel'], ())
+  """
+  policy = policy or LoadPolicy()
+  modules, updates, kernels, stacks = [], [], [], []
+  for path, target in lora.targets.items():
+    keys = tuple(path.split("/"))
+    if not _paths.contains(adapters, keys):
+      raise JloraError(f"norm_report: the adapter tree has no adapter for target '{path}'.")
+    node = _paths.get(adapters, keys)
+    lora_a, lora_b = to_host(node["lora_a"]), to_host(node["lora_b"])
+    n_stack = len(target.stack_shape)
+    norms = abs(target.scale) * _update_norms(lora_a, lora_b, n_stack, len(target.layout.batch_axes), lora_a.shape[-1])
+    modules += [path] if not n_stack else [f"{path}[{i}]" for i in range(len(norms))]
+    updates += list(norms)
+    kernels.append(_paths.get(params, keys))
+    stacks.append(n_stack)
+  norms = jax.device_get(_weight_norms(kernels, tuple(stacks))) if kernels else []
+  weights = np.concatenate([np.asarray(w, np.float64).reshape(-1) for w in norms]) if norms else np.zeros(0)
+  return _summarise(modules, np.asarray(updates), weights, policy)
+
+
+def _summarise(modules: list[str], updates: np.ndarray, weights: np.ndarray, policy: LoadPolicy) -> NormReport:
+  with np.errstate(divide="ignore", invalid="ignore"):
+    ratios = np.where(weights > 0, updates / np.where(weights > 0, weights, 1.0), np.where(updates > 0, np.inf, 0.0))
+  positive = ratios[(ratios > 0) & np.isfinite(ratios)]
+  if positive.size:
+    logs = np.log(positive)
+    median_log = float(np.median(logs))
+    mad = float(np.median(np.abs(logs - median_log)))
+    median = math.exp(median_log)
+  else:
+    median_log, mad, median = 0.0, 0.0, 0.0
+  rows = []
+  for module, update, weight, ratio in zip(modules, updates, weights, ratios):
+    if ratio > 0 and np.isfinite(ratio):
+      deviation = math.log(ratio) - median_log
+      z = _MAD_TO_SIGMA * deviation / mad if mad > 0 else (math.inf if deviation > 1e-12 else 0.0)
+      to_median = ratio / median
+    else:
+      z, to_median = (math.inf, math.inf) if ratio > 0 else (0.0, 0.0)
+    flag = None
+    if ratio > policy.max_relative_update:
+      flag = f"update larger than {policy.max_relative_update:g}x the kernel"
+    elif z > policy.outlier_z and to_median > policy.outlier_ratio:
+      flag = f"outlier (z > {policy.outlier_z:g} and > {policy.outlier_ratio:g}x median)"
+    rows.append(NormRow(module, float(update), float(weight), float(ratio), float(to_median), float(z), flag))
+  return NormReport(tuple(rows), median, mad)
+
+
+def enforce_norms(report: NormReport, policy: LoadPolicy, source: str) -> None:
+  """Warns (``AdapterNormWarning``) about flagged modules, or raises with ``policy.strict``."""
+  if not report.outliers:
+    return
+  message = (f"Adapter {source}: {len(report.outliers)} of {len(report.rows)} modules have suspicious update norms: "
+             f"{report.describe_outliers()}.")
+  if policy.strict:
+    raise UnsafeAdapterError(message + " Refused (LoadPolicy(strict=True)).")
+  warnings.warn(message + " Pass LoadPolicy(strict=True) to refuse such adapters.", AdapterNormWarning, stacklevel=3)

@@ -1,0 +1,141 @@
+"""The jlora command line (python -m tools.cli), end to end in subprocesses on saved adapters."""
+
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from test_models_references import save_hf, tiny_hf_model
+from test_safe_load import random_like
+
+import jlora
+import jlora.peft
+from jlora import models
+from tools import cli
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+TOKENS = np.zeros((1, 1), np.int32)
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+  """A tiny Llama checkpoint and a jlora adapter for it (non-zero A and B, two ranks)."""
+  root = tmp_path_factory.mktemp("cli")
+  base = save_hf(tiny_hf_model("llama"), root / "base")
+  model, params = models.from_pretrained(base)
+  config = jlora.LoraConfig(targets=r".*/(q_proj|v_proj)/kernel", rank=4, alpha=8.0, rank_pattern={".*v_proj.*": 2})
+  lora = jlora.Lora(model, config)
+  adapters = random_like(jax.eval_shape(lora.init, jax.random.key(0), params, TOKENS), seed=1, scale=0.05)
+  jlora.save_adapters(root / "adapter", adapters, config, base_fingerprint=jlora.fingerprint(params))
+  return root, model, params, lora, adapters
+
+
+def _start(*args: str) -> subprocess.Popen:
+  env = {**os.environ, "HF_HUB_OFFLINE": "1", "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "3"}
+  return subprocess.Popen([sys.executable, "-m", "tools.cli", *map(str, args)], cwd=ROOT, env=env, text=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def _finish(process: subprocess.Popen) -> tuple[int, str, str]:
+  out, err = process.communicate(timeout=300)
+  return process.returncode, out, err
+
+
+def test_commands_end_to_end(saved):
+  root, model, params, lora, adapters = saved
+  base, adapter = root / "base", root / "adapter"
+  tampered = root / "tampered"
+  shutil.copytree(adapter, tampered)
+  data_file = next(p for p in sorted((tampered / "adapters").rglob("*")) if p.is_file() and "/d/" in p.as_posix())
+  data_file.write_bytes(data_file.read_bytes()[:-1] + bytes([data_file.read_bytes()[-1] ^ 0x10]))
+
+  # Independent commands run concurrently; import-peft then merge follow the export.
+  running = {
+      "inspect": _start("inspect", adapter, "--base", base),
+      "validate": _start("validate", adapter, "--base", base),
+      "export": _start("export-peft", "--base", base, "--adapter", adapter, "--out", root / "peft"),
+      "tampered": _start("validate", tampered, "--base", base),
+  }
+  results = {name: _finish(process) for name, process in running.items()}
+
+  code, out, err = results["inspect"]
+  assert code == 0, err
+  assert "model/layers/self_attn/v_proj/kernel  dense  2x64x32       2     4" in out
+  assert "trainable params: 1,408" in out and "dtypes ['float32']" in out and "manifest: verified" in out
+  assert "model/layers/self_attn/q_proj/kernel[1]" in out and "4 modules, median ratio" in out
+
+  code, out, err = results["validate"]
+  assert code == 0, err
+  assert out.startswith(f"OK: {adapter} (jlora) fits {base}: 2 targets, 4 modules")
+
+  code, out, err = results["tampered"]
+  assert code == 1 and out == ""
+  assert "error: " in err and "does not match its SHA-256 in SHA256SUMS" in err
+
+  code, out, err = results["export"]
+  assert code == 0, err
+  assert "target_modules ['q_proj', 'v_proj']" in out
+  exported, _ = jlora.peft.from_pretrained(root / "peft", model, params)
+  jax.tree.map(np.testing.assert_array_equal, exported, adapters)
+  assert jlora.verify_manifest(root / "peft", required=True)
+
+  code, out, err = _finish(_start("import-peft", "--base", base, "--adapter", root / "peft", "--out", root / "back"))
+  assert code == 0, err
+  metadata = jlora.load_adapter_metadata(root / "back")
+  assert metadata["base_fingerprint"] == jlora.fingerprint(params)
+  assert metadata["extra"]["base_model_name_or_path"] == str(base)
+
+  code, out, err = _finish(_start("merge", "--base", base, "--adapter", root / "back", "--out", root / "merged"))
+  assert code == 0, err
+  _, merged = models.from_pretrained(root / "merged")
+  expected = jax.jit(lora.merge)(params, adapters)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-6), merged, expected)
+
+
+def test_validate_refusals_in_process(saved, tmp_path, capsys):
+  root, _, params, lora, adapters = saved
+  blown = jax.tree.map(lambda x: 1e3 * x, adapters)
+  jlora.save_adapters(tmp_path / "blown", blown, lora.config, base_fingerprint=jlora.fingerprint(params))
+  assert cli.main(["validate", str(tmp_path / "blown"), "--base", str(root / "base")]) == 0
+  captured = capsys.readouterr()
+  assert "warning: Adapter" in captured.err and "suspicious update norms" in captured.err
+  assert cli.main(["validate", str(tmp_path / "blown"), "--base", str(root / "base"), "--strict"]) == 1
+  assert "Refused (LoadPolicy(strict=True))" in capsys.readouterr().err
+
+  assert cli.main(["validate", str(root / "adapter"), "--base", str(root / "base"),
+                   "--expected-fingerprint", "sha256:0"]) == 1
+  assert "stores base fingerprint" in capsys.readouterr().err
+  assert cli.main(["validate", str(tmp_path), "--base", str(root / "base")]) == 1
+  assert "neither a jlora adapter directory" in capsys.readouterr().err
+
+
+def test_inspect_json(saved, capsys):
+  root, *_ = saved
+  assert cli.main(["inspect", str(root / "adapter"), "--json"]) == 0  # without a base: no values read
+  out = json.loads(capsys.readouterr().out)
+  assert out["kind"] == "jlora" and out["tensors"]["model/layers/self_attn/q_proj/kernel/lora_a"][0] == [2, 64, 4]
+  assert cli.main(["inspect", str(root / "adapter"), "--base", str(root / "base"), "--json"]) == 0
+  out = json.loads(capsys.readouterr().out)
+  assert out["trainable"] == 1408 and out["dtypes"] == ["float32"] and len(out["norms"]["rows"]) == 4
+  assert [row["rank"] for row in out["targets"]] == [4, 2]
+
+
+def test_help_explains_every_command(capsys):
+  with pytest.raises(SystemExit) as exit_info:
+    cli.main(["--help"])
+  assert exit_info.value.code == 0
+  out = capsys.readouterr().out
+  for command in ("inspect", "validate", "merge", "export-peft", "import-peft"):
+    assert command in out
+    with pytest.raises(SystemExit):
+      cli.main([command, "--help"])
+    text = capsys.readouterr().out
+    assert "safety checks" in text and "--base" in text
+  with pytest.raises(SystemExit) as exit_info:
+    cli.main(["merge", "--base", "x"])
+  assert exit_info.value.code == 2
