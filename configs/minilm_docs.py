@@ -9,6 +9,8 @@ Overrides: --config.lora.rank=16 --config.train.steps=100 ...
 
 import ml_collections
 
+from configs import common
+
 
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
@@ -61,22 +63,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   config.train.eval_every = 50  # steps between evaluations (and at the end)
   config.train.on_nonfinite = "stop"  # "stop": NaN/inf loss or gradient ends the run; "skip": drop that update
 
-  config.mesh = ml_collections.ConfigDict()
-  config.mesh.axes = {"data": -1, "fsdp": 1, "tensor": 1}  # device mesh; one -1 takes the remaining devices
-  config.mesh.rules = ()  # extra (regex, partition spec tuple) rules, before the model's defaults
-  config.mesh.num_devices = 0  # use the first N devices of the job (0 = all)
-
-  config.distributed = ml_collections.ConfigDict()
-  config.distributed.auto = False  # let JAX detect a TPU pod / SLURM / k8s cluster (jax.distributed.initialize())
-  config.distributed.coordinator = ""  # "host:port" of process 0 (env JLORA_COORDINATOR wins)
-  config.distributed.num_processes = 1  # processes (hosts) in the job (env JLORA_NUM_PROCESSES wins)
-  config.distributed.process_id = 0  # this process (env JLORA_PROCESS_ID wins)
-  config.distributed.heartbeat_timeout_seconds = 60  # a silent process fails the job after this long
-
-  config.checkpoint = ml_collections.ConfigDict()
-  config.checkpoint.every = 100  # steps between checkpoints (the last step is always saved)
-  config.checkpoint.keep = 2  # complete checkpoints kept
-  config.checkpoint.use_async = True  # write checkpoints in the background
+  common.add_runtime(config, checkpoint_every=100, keep=2)
 
   if variant == "smoke":
     config.train.steps = 12

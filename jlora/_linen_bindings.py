@@ -18,6 +18,7 @@ import numpy as np
 import opt_einsum
 
 from jlora._einsum import Equation, dense_equation, dense_general_equation, layout_from_equation, low_rank_einsum
+from jlora._embedding import embedding_low_rank
 from jlora._errors import JloraError
 from jlora._layout import KernelLayout
 
@@ -115,12 +116,8 @@ def _embed_layout(module: nn.Embed, method, args, kwargs, kernel_shape) -> Kerne
 
 
 def _embed_low_rank(module, method, args, kwargs, layout, a, b, dropout, dtype):
-  a, b = a.astype(dtype), b.astype(dtype)
-  if method == "attend":  # y = q @ E^T, so the update is q @ (A @ B)^T = (q @ B^T) @ A^T
-    query = dropout(jnp.asarray(_input(args, kwargs, "query"), dtype))
-    return jnp.einsum("...d,rd->...r", query, b) @ a.T
-  ids = _input(args, kwargs, "inputs")  # token ids: no dropout on an index
-  return jnp.take(a, ids, axis=0) @ b
+  attend = method == "attend"
+  return embedding_low_rank(attend, _input(args, kwargs, "query" if attend else "inputs"), a, b, dropout, dtype)
 
 
 _EINSUM_FAMILY = dict(param="kernel", methods=("__call__",), layout=_einsum_layout, low_rank=_einsum_low_rank)

@@ -24,12 +24,8 @@ def _config(**overrides):
   from configs import minilm_docs
 
   config = minilm_docs.get_config("smoke")
-  for dotted, value in overrides.items():
-    node = config
-    *parents, leaf = dotted.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
+  config.mesh.num_devices = 1  # the test session has 8 fake devices; the smoke batch is for one
+  config.update_from_flattened_dict(overrides)
   return config
 
 
@@ -104,7 +100,7 @@ def test_registered_tfds_dataset_by_name(smoke_run, tmp_path):
 
 def _run_job(workdir, *extra, wait=True):
   cmd = [sys.executable, "-m", "train", "--config", "configs/minilm_docs.py:smoke", "--workdir", workdir,
-         "--config.checkpoint.every=4", "--config.checkpoint.use_async=False", *extra]
+         "--config.checkpoint.every=4", "--config.checkpoint.use_async=False", "--config.mesh.num_devices=1", *extra]
   return (subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600) if wait
           else subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
 
@@ -142,6 +138,11 @@ def test_exact_resume_after_interruption(tmp_path, how):
   assert all(got[s] == ref[s] for s in ref)  # re-done steps log the identical loss
 
 
+def test_indivisible_batch_is_a_config_error(tmp_path):
+  with pytest.raises(ValueError, match="divisible by the 8 batch shards"):
+    train_lib.train_and_evaluate(_config(**{"mesh.num_devices": 0}), str(tmp_path / "wd"))
+
+
 def test_nonfinite_stops_or_skips(tmp_path):
   with pytest.raises(train_lib.NonFiniteError, match="not finite"):
     train_lib.train_and_evaluate(_config(**{"optimizer.learning_rate": 1e38, "optimizer.grad_clip_norm": 0.0}),
@@ -158,7 +159,9 @@ def test_llama_sft_smoke(tmp_path):
   from configs import llama_sft
 
   workdir = str(tmp_path / "sft")
-  result = train_lib.train_and_evaluate(llama_sft.get_config("smoke"), workdir)
+  config = llama_sft.get_config("smoke")
+  config.mesh.num_devices = 1
+  result = train_lib.train_and_evaluate(config, workdir)
   assert result["after"]["eval/loss"] < result["before"]["eval/loss"]
   assert result["after"]["eval/perplexity"] < result["before"]["eval/perplexity"]
   train_losses = [r["train/loss"] for r in read_metrics(workdir) if "train/loss" in r]

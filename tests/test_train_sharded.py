@@ -48,12 +48,7 @@ def _config(checkpoint, axes, num_devices, **overrides):
   config.checkpoint.use_async = False
   config.mesh.axes = axes
   config.mesh.num_devices = num_devices
-  for key, value in overrides.items():
-    node = config
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
+  config.update_from_flattened_dict(overrides)
   return config
 
 

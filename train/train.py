@@ -85,6 +85,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   param_shardings = sharding.named(param_specs, mesh)
   replicated = NamedSharding(mesh, P())
   batch_axes = tuple(a for a in ("data", "fsdp") if a in mesh.shape) or None
+  batch_shards = int(np.prod([mesh.shape[a] for a in batch_axes or ()]))
+  micro_batch = config.data.batch_size // config.train.accum_steps
+  for what, size in (("data.batch_size / train.accum_steps", micro_batch), ("data.eval_batch_size",
+                                                                            config.data.eval_batch_size)):
+    if size % batch_shards:
+      raise ValueError(f"{what} = {size} must be divisible by the {batch_shards} batch shards of the mesh "
+                       f"{dict(mesh.shape)} (the batch is split over {batch_axes}).")
   train_batch_sharding = NamedSharding(mesh, P(None, batch_axes))  # [accum, batch, ...]
   eval_batch_sharding = NamedSharding(mesh, P(batch_axes))
 

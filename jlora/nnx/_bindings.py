@@ -20,6 +20,7 @@ from flax import nnx
 from flax.nnx.nn import dtypes
 
 from jlora._einsum import Equation, dense_equation, dense_general_equation, layout_from_equation, low_rank_einsum, split_equation
+from jlora._embedding import embedding_low_rank
 from jlora._errors import JloraError
 from jlora._layout import KernelLayout
 
@@ -160,14 +161,11 @@ def _embed_layout(module: nnx.Embed, where: str) -> KernelLayout:
 
 
 def _embed_low_rank(module, method, args, kwargs, layout, a, b, dropout, dtype):
-  a, b = a.astype(dtype), b.astype(dtype)
-  if method == "attend":  # y = q @ E^T, so the update is q @ (A @ B)^T = (q @ B^T) @ A^T
-    query = dropout(jnp.asarray(_input(args, kwargs, "query"), dtype))
-    return jnp.einsum("...d,rd->...r", query, b) @ a.T
-  ids = _input(args, kwargs, "inputs")  # token ids: no dropout on an index
-  if module.num_embeddings == 1:  # nnx broadcasts its single row whatever the ids
-    return jnp.broadcast_to(a @ b, (*ids.shape, b.shape[-1]))
-  return jnp.take(a, ids, axis=0) @ b
+  attend = method == "attend"
+  x = _input(args, kwargs, "query" if attend else "inputs")
+  if not attend and module.num_embeddings == 1:  # nnx broadcasts its single row whatever the ids
+    return jnp.broadcast_to((a.astype(dtype) @ b.astype(dtype)), (*x.shape, b.shape[-1]))
+  return embedding_low_rank(attend, x, a, b, dropout, dtype)
 
 
 BINDINGS: tuple[Binding, ...] = (

@@ -13,6 +13,7 @@ from jax.sharding import Mesh
 
 import jlora
 from jlora import models, sharding
+from train import data
 
 
 @dataclasses.dataclass
@@ -56,3 +57,13 @@ def load_base(path: str, config: ml_collections.ConfigDict, mesh: Mesh, **kwargs
   return models.from_pretrained(path, dtype=jnp.dtype(config.model.dtype),
                                 param_dtype=jnp.dtype(config.model.param_dtype), mesh=mesh,
                                 rules=sharding_rules(path, config), **kwargs)
+
+
+def registered_sources(config: ml_collections.ConfigDict) -> dict | None:
+  """``{"train", "validation"}`` sources of the registered TFDS dataset ``config.data.tfds.name``, or None."""
+  tfds_config = config.data.tfds
+  if not tfds_config.name:
+    return None
+  data_dir = tfds_config.data_dir or None
+  return {"train": data.data_source(tfds_config.name, tfds_config.train_split, data_dir=data_dir),
+          "validation": data.data_source(tfds_config.name, tfds_config.eval_split, data_dir=data_dir)}

@@ -18,7 +18,7 @@ from train import data
 from train.tasks import pydoc_sft
 from jax.sharding import Mesh
 
-from train.tasks.base import Task, load_base
+from train.tasks.base import Task, load_base, registered_sources
 
 
 def _checkpoint(config: ml_collections.ConfigDict, workdir: str) -> str:
@@ -32,11 +32,9 @@ def _checkpoint(config: ml_collections.ConfigDict, workdir: str) -> str:
 
 def _sources(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """``{"train", "validation"}`` data sources: a registered TFDS dataset by name, or local JSONL built to TFDS."""
-  tfds_config = config.data.tfds
-  if tfds_config.name:
-    return {"train": data.data_source(tfds_config.name, tfds_config.train_split, data_dir=tfds_config.data_dir or None),
-            "validation": data.data_source(tfds_config.name, tfds_config.eval_split,
-                                           data_dir=tfds_config.data_dir or None)}
+  registered = registered_sources(config)
+  if registered is not None:
+    return registered
   source = config.data.source
   paths = pydoc_sft.write_jsonl(os.path.join(workdir, "data", "raw")) if source == "pydoc_sft" else dict(source)
   builder = data.build_jsonl_instructions(paths, os.path.join(workdir, "data", "tfds"), name=config.data.name,

@@ -22,7 +22,7 @@ from train import data
 from train.tasks import stdlib_docs
 from jax.sharding import Mesh
 
-from train.tasks.base import Task, load_base
+from train.tasks.base import Task, load_base, registered_sources
 
 
 def minilm_dir() -> str:
@@ -36,11 +36,9 @@ def minilm_dir() -> str:
 
 def _sources(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """``{"train", "validation"}`` data sources: a registered TFDS dataset by name, or local JSONL built to TFDS."""
-  tfds_config = config.data.tfds
-  if tfds_config.name:
-    return {"train": data.data_source(tfds_config.name, tfds_config.train_split, data_dir=tfds_config.data_dir or None),
-            "validation": data.data_source(tfds_config.name, tfds_config.eval_split,
-                                           data_dir=tfds_config.data_dir or None)}
+  registered = registered_sources(config)
+  if registered is not None:
+    return registered
   source = config.data.source
   if source == "stdlib_docs":
     paths = stdlib_docs.write_jsonl(os.path.join(workdir, "data", "raw"), config.data.validation_fraction)
