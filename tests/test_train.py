@@ -114,11 +114,18 @@ def _wait_for_checkpoint(workdir, step, proc, timeout=300):
     time.sleep(0.05)
 
 
+@pytest.fixture(scope="module")
+def uninterrupted_run(tmp_path_factory):
+  reference = str(tmp_path_factory.mktemp("reference"))
+  result = _run_job(reference)
+  assert result.returncode == 0, result.stderr
+  return reference
+
+
 @pytest.mark.parametrize("how", ["kill9", "sigterm"])
-def test_exact_resume_after_interruption(tmp_path, how):
+def test_exact_resume_after_interruption(uninterrupted_run, tmp_path, how):
   """A run interrupted mid-way and resumed ends with the adapters of an uninterrupted run, bitwise."""
-  reference = str(tmp_path / "reference")
-  assert _run_job(reference).returncode == 0
+  reference = uninterrupted_run
   interrupted = str(tmp_path / "interrupted")
   proc = _run_job(interrupted, wait=False)
   _wait_for_checkpoint(interrupted, 4, proc)
