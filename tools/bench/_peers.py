@@ -1,0 +1,147 @@
+"""The LoRA train steps jlora is compared with: flax's ``nnx.LoRALinear``, and Hugging Face PEFT on torch.
+
+Each builder returns a :class:`Contender`: a zero-argument callable that runs one train step (the
+same next-token cross-entropy and AdamW update as ``_models``), ready for ``time_interleaved``.
+
+The nnx comparison builds one :class:`NnxLlama` twice: once with ``nnx.LoRALinear`` projections
+(flax's LoRA), once with plain ``nnx.Linear`` projections adapted by ``jlora.nnx.apply_lora``. Both are
+trained through the same functional step (``nnx.split`` into trainable and frozen state, ``jax.grad``
+w.r.t. the trainable state, ``nnx.merge`` inside the jitted function), so the two differ only in how
+the LoRA path is computed; the graph-traversal cost of ``nnx.jit`` is kept out of both.
+"""
+
+import dataclasses
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import optax
+from flax import nnx
+
+import jlora.nnx
+from tools.bench._models import (LORA_ALPHA, LORA_RANK, ONE_ADAPTER_PEFT_TARGET, ONE_ADAPTER_TARGET, PROJECTIONS,
+                                 LinenSetup, Shape, copy_tree, lora_config, lora_train_step, next_token_loss, optimizer)
+from tools.bench._nnx_llama import NnxLlama, flax_lora_projection, plain_projection
+from tools.bench._timing import CompiledStep, Stepper, compile_step
+
+
+@dataclasses.dataclass(frozen=True)
+class Contender:
+  """One LoRA train step ready to time.
+
+  Attributes:
+    run: runs one step (and returns something to block on, or None when synchronous).
+    compiled: the JAX compilation (None for torch).
+    detail: what exactly this contender is.
+  """
+
+  run: Callable[[], Any]
+  compiled: CompiledStep | None
+  detail: str
+
+
+def _nnx_contender(model: nnx.Module, trainable: type, ids: jax.Array, detail: str) -> Contender:
+  graphdef, trainable_state, frozen_state = nnx.split(model, trainable, ...)
+  tx = optimizer()
+
+  def step(trainable_state, opt_state, frozen_state, ids):
+    def loss(state):
+      return next_token_loss(nnx.merge(graphdef, state, frozen_state)(ids), ids)
+
+    grads = jax.grad(loss)(trainable_state)
+    updates, opt_state = tx.update(grads, opt_state, trainable_state)
+    return optax.apply_updates(trainable_state, updates), opt_state
+
+  opt_state = tx.init(trainable_state)
+  compiled = compile_step(step, trainable_state, opt_state, frozen_state, ids, donate_argnums=(0, 1))
+  return Contender(Stepper(compiled.executable, (trainable_state, opt_state), frozen_state, ids), compiled, detail)
+
+
+def flax_nnx_lora(shape: Shape, ids: jax.Array) -> Contender:
+  """flax's own LoRA: ``NnxLlama`` whose projections are ``nnx.LoRALinear`` (``y = x W + x A B``)."""
+  config = shape.llama_config(scan=False)
+  model = NnxLlama(config, projection=flax_lora_projection(LORA_RANK), rngs=nnx.Rngs(0))
+  return _nnx_contender(model, nnx.LoRAParam, ids,
+                        f"flax nnx.LoRALinear rank {LORA_RANK} on NnxLlama ({shape.describe()}), layers unrolled")
+
+
+def jlora_nnx(shape: Shape, ids: jax.Array) -> Contender:
+  """jlora on nnx: ``NnxLlama`` with plain projections adapted in place by ``jlora.nnx.apply_lora``."""
+  config = shape.llama_config(scan=False)
+  model = NnxLlama(config, projection=plain_projection, rngs=nnx.Rngs(0))
+  jlora.nnx.apply_lora(model, lora_config(), rngs=nnx.Rngs(params=1))
+  return _nnx_contender(model, jlora.nnx.LoraParam, ids,
+                        f"jlora.nnx rank {LORA_RANK} alpha {LORA_ALPHA:g} on NnxLlama ({shape.describe()}), layers "
+                        "unrolled")
+
+
+def jlora_linen_one_adapter(setup: LinenSetup) -> Contender:
+  """jlora on the unrolled ``LlamaForCausalLM`` with a single adapter (``ONE_ADAPTER_TARGET``), same rank.
+
+  What is left is the frozen base's forward and input-gradient backward: the all-projections step
+  minus this one is the cost of the low-rank paths alone.
+  """
+  lora = jlora.Lora(setup.model, jlora.LoraConfig(targets=ONE_ADAPTER_TARGET, rank=LORA_RANK, alpha=LORA_ALPHA))
+  adapters = lora.init(jax.random.key(2), setup.params, setup.ids)
+  tx = optimizer()
+  compiled = compile_step(lora_train_step(lora, tx), adapters, tx.init(adapters), setup.params, setup.ids,
+                          donate_argnums=(0, 1))
+  run = Stepper(compiled.executable, (copy_tree(adapters), tx.init(adapters)), setup.params, setup.ids)
+  return Contender(run, compiled, f"jlora.Lora with one adapter ({ONE_ADAPTER_TARGET}) on the unrolled "
+                                  "LlamaForCausalLM")
+
+
+def peft_torch(shape: Shape, threads: int, *, one_adapter: bool = False) -> Contender | str:
+  """Hugging Face PEFT on torch CPU: ``transformers.LlamaForCausalLM`` + ``peft.get_peft_model``.
+
+  Same shapes, same LoRA recipe (rank, alpha, the seven projections, no dropout), same loss and AdamW
+  (``torch.optim.AdamW`` on the trainable parameters), ``torch.set_num_threads(threads)``, and
+  transformers' default attention implementation (``sdpa``). With ``one_adapter`` only the first
+  layer's ``q_proj`` is adapted (see ``jlora_linen_one_adapter``).
+
+  Returns:
+    The contender, or a string saying why torch/transformers/peft could not be used.
+  """
+  try:
+    import peft
+    import torch
+    import transformers
+  except ImportError as error:
+    return f"torch/transformers/peft not importable ({error}); install the test extras to compare with PEFT"
+  # transformers' own deprecation notice, raised inside its forward; not about this benchmark.
+  warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+  torch.set_num_threads(threads)
+  torch.manual_seed(0)
+  config = transformers.LlamaConfig(
+      vocab_size=shape.vocab,
+      hidden_size=shape.hidden,
+      intermediate_size=shape.intermediate,
+      num_hidden_layers=shape.layers,
+      num_attention_heads=shape.heads,
+      num_key_value_heads=shape.kv_heads,
+      max_position_embeddings=max(2048, shape.seq),
+      rms_norm_eps=1e-6,
+      tie_word_embeddings=False,
+      use_cache=False,
+  )
+  model = transformers.LlamaForCausalLM(config)
+  model = peft.get_peft_model(model, peft.LoraConfig(
+      r=LORA_RANK, lora_alpha=LORA_ALPHA, lora_dropout=0.0,
+      target_modules=ONE_ADAPTER_PEFT_TARGET if one_adapter else list(PROJECTIONS)))
+  model.train()
+  trainable = [p for p in model.parameters() if p.requires_grad]
+  tx = torch.optim.AdamW(trainable, lr=1e-4)
+  ids = torch.randint(0, shape.vocab, (shape.batch, shape.seq))
+
+  def step() -> None:
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    tx.step()
+    tx.zero_grad(set_to_none=True)
+
+  attention = getattr(model.config, "_attn_implementation", "default")
+  which = f"one adapter ({ONE_ADAPTER_PEFT_TARGET})" if one_adapter else "all seven projections"
+  return Contender(step, None, f"PEFT {peft.__version__} LoRA rank {LORA_RANK} on {which} of transformers "
+                               f"{transformers.__version__} LlamaForCausalLM ({shape.describe()}), torch "
+                               f"{torch.__version__} with {threads} threads, attention {attention}")
