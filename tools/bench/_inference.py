@@ -23,7 +23,9 @@ def forward_contenders(setup: LinenSetup) -> tuple[dict[str, Callable[[], jax.Ar
   The adapters get random non-zero ``B`` first, as after training.
 
   Returns:
-    ``({"base", "unmerged", "merged"}: callables, {"base", "unmerged"}: CompiledStep)``.
+    ``({"base", "unmerged", "merged", "base_again"}: callables, {"base", "unmerged"}: CompiledStep)``;
+    ``base_again`` is the base forward timed as a second contender: base_again/base is the timing
+    noise floor of the run (an A/A comparison), against which merged/base is read.
   """
   model, lora, params, ids = setup.model, setup.lora, setup.params, setup.ids
   adapters = with_trained_b(setup.adapters)
@@ -34,6 +36,7 @@ def forward_contenders(setup: LinenSetup) -> tuple[dict[str, Callable[[], jax.Ar
       "base": lambda: base.executable(params, ids),
       "unmerged": lambda: unmerged.executable(params, adapters, ids),
       "merged": lambda: base.executable(merged_params, ids),
+      "base_again": lambda: base.executable(params, ids),
   }
   return runs, {"base": base, "unmerged": unmerged}
 

@@ -259,6 +259,10 @@ def _inference(report: Report, suite: Suite, bench: Workbench) -> None:
              f"lora.apply(params, adapters, ids) / model.apply(params, ids), {times['unmerged'].median_s * 1e3:.1f} / "
              f"{base * 1e3:.1f} ms ({_spread(times['unmerged'], times['base'])}; CPU-time ratio "
              f"{cpu['unmerged']:.3f}); XLA FLOP ratio {flop_ratio:.4f} (scan body once in both)")
+  aa = round_ratios(times["base_again"], times["base"])
+  report.add("base_base_forward_ratio", paired_ratio(times["base_again"], times["base"]), None,
+             f"A/A: the same base program on the same params timed as two contenders, per-round ratios "
+             f"{min(aa):.3f}..{max(aa):.3f}: the timing noise of this run, against which merged/base is read")
   report.add("merged_base_forward_ratio", paired_ratio(times["merged"], times["base"]), MERGED_TARGET,
              f"the base program on lora.merge(params, adapters) / on params, {times['merged'].median_s * 1e3:.1f} / "
              f"{base * 1e3:.1f} ms ({_spread(times['merged'], times['base'])}; CPU-time ratio {cpu['merged']:.3f}): "
