@@ -149,12 +149,11 @@ def test_indivisible_batch_is_a_config_error(tmp_path):
 
 
 def test_nonfinite_stops_or_skips(tmp_path):
+  short = {"optimizer.learning_rate": 1e38, "optimizer.grad_clip_norm": 0.0, "train.steps": 4, "train.eval_every": 4,
+           "checkpoint.every": 4}
   with pytest.raises(train_lib.NonFiniteError, match="not finite"):
-    train_lib.train_and_evaluate(_config(**{"optimizer.learning_rate": 1e38, "optimizer.grad_clip_norm": 0.0}),
-                                 str(tmp_path / "stop"))
-  result = train_lib.train_and_evaluate(
-      _config(**{"optimizer.learning_rate": 1e38, "optimizer.grad_clip_norm": 0.0, "train.on_nonfinite": "skip"}),
-      str(tmp_path / "skip"))
+    train_lib.train_and_evaluate(_config(**short), str(tmp_path / "stop"))
+  result = train_lib.train_and_evaluate(_config(**short, **{"train.on_nonfinite": "skip"}), str(tmp_path / "skip"))
   assert result["skipped_steps"] > 0
   assert all(np.all(np.isfinite(v)) for v in jax.tree.leaves(_final_adapters(str(tmp_path / "skip"))))
 
