@@ -14,4 +14,5 @@ run:
 	$(PY) -m train --config configs/minilm_docs.py --workdir workdir/minilm_docs
 
 test:
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q

@@ -19,19 +19,27 @@ Public API (everything else is private):
 * ``jlora.nnx``: the same for ``flax.nnx`` models (model surgery).
 """
 
+from jlora import sharding  # noqa: E402  (after the names it imports)
 from jlora._adapter_checkpoint import adapter_shapes, load_adapter_metadata, load_adapters, save_adapters
 from jlora._config import LoraConfig
 from jlora._errors import JloraError
 from jlora._fingerprint import fingerprint
 from jlora._layout import KernelLayout
 from jlora._lora import Lora
-from jlora._safety import AdapterNormWarning, LoadPolicy, NormReport, NormRow, UnsafeAdapterError
-from jlora._safety import norm_report, verify_manifest, write_manifest
 from jlora._optim import adapter_labels, adapters_only, lora_plus
+from jlora._safety import (
+    AdapterNormWarning,
+    LoadPolicy,
+    NormReport,
+    NormRow,
+    UnsafeAdapterError,
+    norm_report,
+    verify_manifest,
+    write_manifest,
+)
 from jlora._summary import Summary, TargetRow
 from jlora._targets import Target
 from jlora._variant import LORA, Variant
-from jlora import sharding  # noqa: E402  (after the names it imports)
 
 __all__ = [
     "AdapterNormWarning",

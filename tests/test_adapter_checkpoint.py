@@ -6,9 +6,9 @@ import chex
 import jax
 import numpy as np
 import pytest
+from _cases import ScannedStack
 
 import jlora
-from _cases import ScannedStack
 
 X = np.ones((2, 4), np.float32)
 

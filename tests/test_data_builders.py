@@ -7,11 +7,7 @@ import re
 import numpy as np
 import pytest
 
-from train.data import DataError
-from train.data import build_jsonl_classification
-from train.data import build_jsonl_instructions
-from train.data import build_text
-from train.data import data_source
+from train.data import DataError, build_jsonl_classification, build_jsonl_instructions, build_text, data_source
 
 
 def _jsonl(path, *objects_or_lines):

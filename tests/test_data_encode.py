@@ -3,11 +3,8 @@
 import numpy as np
 import tokenizers
 
-from train.data import ChatTemplate
-from train.data import RoleFormat
-from train.data._encode import ClassificationEncoder
-from train.data._encode import LMEncoder
-from train.data._encode import record_turns
+from train.data import ChatTemplate, RoleFormat
+from train.data._encode import ClassificationEncoder, LMEncoder, record_turns
 from train.data._errors import BadExample
 from train.data._packing import ClassificationExample
 

@@ -8,15 +8,17 @@ import numpy as np
 import pytest
 import tokenizers
 
-from train.data import DataError
-from train.data import build_jsonl_classification
-from train.data import build_jsonl_instructions
-from train.data import classification_batches
-from train.data import data_source
-from train.data import default_template
-from train.data import lm_batches
-from train.data import pack_lm_examples
-from train.data import render_chat
+from train.data import (
+  DataError,
+  build_jsonl_classification,
+  build_jsonl_instructions,
+  classification_batches,
+  data_source,
+  default_template,
+  lm_batches,
+  pack_lm_examples,
+  render_chat,
+)
 
 N = 23
 SEQ_LEN = 16
@@ -204,7 +206,7 @@ def test_classification_process_slices_are_disjoint(tmp_path, tokenizer):
   reference = list(classification_batches(source, tokenizer, **kwargs))
   assert len(reference) == 4 and reference[-1]["example_mask"].tolist() == [1] * 5 + [0]  # 23 = 3 * 6 + 5
   order = np.random.default_rng([1, 0]).permutation(N).tolist()
-  assert [int(l) for b in reference for l, m in zip(b["label"], b["example_mask"]) if m] == order
+  assert [int(label) for b in reference for label, m in zip(b["label"], b["example_mask"]) if m] == order
   cls, sep, x = (tokenizer.token_to_id(t) for t in ["[CLS]", "[SEP]", "x"])
   first = order[0]
   np.testing.assert_array_equal(reference[0]["input_ids"][0], [cls, tokenizer.token_to_id(f"w{first}"), x, sep, 0])

@@ -3,8 +3,7 @@
 import pytest
 
 from train.data._errors import BadExample
-from train.data._jsonl import classification_pair
-from train.data._jsonl import instruction_turns
+from train.data._jsonl import classification_pair, instruction_turns
 
 
 def test_good_instruction_lines():

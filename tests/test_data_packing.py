@@ -3,12 +3,8 @@
 import numpy as np
 import pytest
 
-from train.data import DataError
-from train.data import LMExample
-from train.data import pack_lm_examples
-from train.data._packing import ClassificationExample
-from train.data._packing import classification_rows
-from train.data._packing import lm_rows
+from train.data import DataError, LMExample, pack_lm_examples
+from train.data._packing import ClassificationExample, classification_rows, lm_rows
 
 
 def _example(ids, trained):

@@ -5,11 +5,7 @@ import pytest
 import tensorflow_datasets as tfds
 import tokenizers
 
-from train.data import DataError
-from train.data import build_text
-from train.data import data_source
-from train.data import default_template
-from train.data import lm_batches
+from train.data import DataError, build_text, data_source, default_template, lm_batches
 
 QA = [("two plus two", "four"), ("one plus one", "two"), ("two plus one", "three"), ("one plus two", "three")]
 

@@ -4,12 +4,7 @@ import numpy as np
 import pytest
 import tokenizers
 
-from train.data import ChatTemplate
-from train.data import DataError
-from train.data import RoleFormat
-from train.data import default_template
-from train.data import pack_lm_examples
-from train.data import render_chat
+from train.data import ChatTemplate, DataError, RoleFormat, default_template, pack_lm_examples, render_chat
 
 SPECIAL = ["<pad>", "<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>", "<sep>"]
 WORDS = ["be", "brief", "hi", "hello", "bye", "two", "plus", "is", "four"]

@@ -6,9 +6,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _cases import CASES, OneDense, ScannedStack
 
 import jlora
-from _cases import CASES, OneDense, ScannedStack
 
 ALPHA, RANK = 6.0, 2
 SCALE = ALPHA / RANK

@@ -9,12 +9,9 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from test_models_references import assert_close_on_tokens, save_hf, tiny_hf_model, torch_outputs
 
 from jlora import models
-from test_models_references import assert_close_on_tokens
-from test_models_references import save_hf
-from test_models_references import tiny_hf_model
-from test_models_references import torch_outputs
 
 SENTENCES = [
     "The quick brown fox jumps over the lazy dog.",

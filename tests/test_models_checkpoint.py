@@ -11,15 +11,17 @@ import pytest
 import safetensors.numpy
 import torch
 import transformers
+from test_models_references import (
+  DECODERS,
+  assert_close_on_tokens,
+  left_padded_batch,
+  position_ids,
+  save_hf,
+  tiny_hf_model,
+  torch_outputs,
+)
 
 from jlora import models
-from test_models_references import DECODERS
-from test_models_references import assert_close_on_tokens
-from test_models_references import left_padded_batch
-from test_models_references import position_ids
-from test_models_references import save_hf
-from test_models_references import tiny_hf_model
-from test_models_references import torch_outputs
 
 
 def _rewrite(directory, edit):

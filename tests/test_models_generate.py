@@ -5,12 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from test_models_references import DECODERS, left_padded_batch, save_hf, tiny_hf_model
 
 from jlora import models
-from test_models_references import DECODERS
-from test_models_references import left_padded_batch
-from test_models_references import save_hf
-from test_models_references import tiny_hf_model
 
 NEW_TOKENS = 8
 # One prompt shape for every test: generate() is jitted on (model, shapes, options), so tests that

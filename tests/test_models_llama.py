@@ -8,14 +8,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_models_references import (
+  assert_close_on_tokens,
+  left_padded_batch,
+  position_ids,
+  save_hf,
+  tiny_hf_model,
+  torch_outputs,
+)
 
 from jlora import models
-from test_models_references import assert_close_on_tokens
-from test_models_references import left_padded_batch
-from test_models_references import position_ids
-from test_models_references import save_hf
-from test_models_references import tiny_hf_model
-from test_models_references import torch_outputs
 
 LLAMA_FAMILY = ("llama", "llama3_rope", "mistral", "qwen2", "gemma")
 

@@ -5,16 +5,18 @@ import numpy as np
 import peft
 import pytest
 import torch
+from test_models_references import (
+  DECODERS,
+  assert_close_on_tokens,
+  left_padded_batch,
+  position_ids,
+  save_hf,
+  tiny_hf_model,
+  torch_outputs,
+)
 
 import jlora
 from jlora import models
-from test_models_references import DECODERS
-from test_models_references import assert_close_on_tokens
-from test_models_references import left_padded_batch
-from test_models_references import position_ids
-from test_models_references import save_hf
-from test_models_references import tiny_hf_model
-from test_models_references import torch_outputs
 
 TARGETS = {
     "llama": r".*/(q_proj|v_proj)/kernel",

@@ -5,8 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jlora.models import sample_token
-from jlora.models._sampling import top_k_filter
-from jlora.models._sampling import top_p_filter
+from jlora.models._sampling import top_k_filter, top_p_filter
 
 # Probabilities of tokens 0..5, deliberately unsorted.
 PROBS = np.array([0.05, 0.40, 0.02, 0.25, 0.20, 0.08])

@@ -5,10 +5,9 @@ import json
 import pytest
 import tokenizers
 import transformers
+from test_models_bert import SENTENCES, minilm_dir
 
 from jlora import models
-from test_models_bert import SENTENCES
-from test_models_bert import minilm_dir
 
 
 def test_minilm_token_ids_match_transformers():

@@ -15,12 +15,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from _cases import CASES as LINEN_CASES
+from _cases import _np_conv_same_stride2
 from flax import nnx
 
 import jlora
 import jlora.nnx
-from _cases import CASES as LINEN_CASES
-from _cases import _np_conv_same_stride2
 from jlora.nnx import LoraParam
 
 RANK, ALPHA = 2, 6.0

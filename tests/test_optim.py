@@ -6,9 +6,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from _cases import ScannedStack
 
 import jlora
-from _cases import ScannedStack
 
 X = np.random.default_rng(0).normal(size=(8, 4)).astype(np.float32)
 

@@ -8,11 +8,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from _cases import CASES
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jlora
-from _cases import CASES
 from jlora import JloraError, models, sharding
 
 # case name -> ({kernel path: kernel spec}, {kernel path: (lora_a spec, lora_b spec)}), written by hand from each

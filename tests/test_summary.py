@@ -2,9 +2,9 @@
 
 import jax
 import numpy as np
+from _cases import ScannedStack
 
 import jlora
-from _cases import ScannedStack
 
 
 def test_counts_and_table():

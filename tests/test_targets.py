@@ -5,9 +5,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _cases import CASES, ScannedStack, StridedConv
 
 import jlora
-from _cases import CASES, ScannedStack, StridedConv
 
 
 class Attention(nn.Module):

@@ -16,7 +16,6 @@ import orbax.checkpoint as ocp
 import pytest
 
 import jlora
-
 from train import train as train_lib
 from train.metrics import read_metrics
 from train.tasks import pydoc_sft

@@ -11,6 +11,7 @@ after LoRA, and checks that the merged params reproduce the adapted model.
 """
 
 import argparse
+from pydoc_data.topics import topics
 
 import flax.linen as nn
 import jax
@@ -19,7 +20,6 @@ import numpy as np
 import optax
 
 import jlora
-from pydoc_data.topics import topics
 
 D, HEADS, LAYERS, T = 64, 4, 2, 64
 

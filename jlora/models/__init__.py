@@ -18,21 +18,14 @@ Example:
   (2, 7)
 """
 
-from jlora.models._bert import BertConfig
-from jlora.models._bert import BertModel
-from jlora.models._checkpoint import from_pretrained
-from jlora.models._checkpoint import model_for_config
-from jlora.models._checkpoint import save_pretrained
+from jlora.models._bert import BertConfig, BertModel
+from jlora.models._checkpoint import from_pretrained, model_for_config, save_pretrained
 from jlora.models._errors import CheckpointError
 from jlora.models._generate import generate
-from jlora.models._gpt2 import GPT2Config
-from jlora.models._gpt2 import GPT2LMHeadModel
-from jlora.models._hf_configs import config_from_hf
-from jlora.models._hf_configs import config_to_hf
+from jlora.models._gpt2 import GPT2Config, GPT2LMHeadModel
+from jlora.models._hf_configs import config_from_hf, config_to_hf
 from jlora.models._kv_cache import init_cache
-from jlora.models._llama import LlamaConfig
-from jlora.models._llama import LlamaForCausalLM
-from jlora.models._llama import LlamaModel
+from jlora.models._llama import LlamaConfig, LlamaForCausalLM, LlamaModel
 from jlora.models._pooling import mean_pool
 from jlora.models._rope import Llama3RopeScaling
 from jlora.models._sampling import sample_token

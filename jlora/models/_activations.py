@@ -1,7 +1,7 @@
 """Activation functions by their Hugging Face config names (``hidden_act``, ``activation_function``)."""
 
-from collections.abc import Callable
 import functools
+from collections.abc import Callable
 
 import jax
 

@@ -5,19 +5,19 @@ tensor must be used, except the buffers and tied heads that the architecture's n
 ignorable. All problems are reported together, each naming its tensor.
 """
 
-from collections.abc import Callable, Iterable, Sequence
 import dataclasses
 import json
 import os
 import pathlib
 import re
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NamedTuple
 
 import flax.linen as nn
-from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 from jax.sharding import Mesh, NamedSharding
 
 from jlora.models._bert import BertConfig, BertModel

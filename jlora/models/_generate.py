@@ -7,8 +7,8 @@ decode=True, mutable=["cache"])``. A function with ``model.apply``'s signature t
 without merging them.
 """
 
-from collections.abc import Callable, Sequence
 import functools
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax.linen as nn

@@ -5,8 +5,8 @@ checkpoint. Settings that would change the computation in ways these models do n
 refused with a :class:`CheckpointError` instead of being ignored.
 """
 
-from collections.abc import Mapping
 import dataclasses
+from collections.abc import Mapping
 from typing import Any
 
 from jlora._errors import JloraError

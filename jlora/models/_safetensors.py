@@ -3,11 +3,11 @@
 bfloat16 tensors come back as ``ml_dtypes.bfloat16`` numpy arrays (safetensors' numpy backend).
 """
 
-from collections.abc import Iterator, Mapping
 import contextlib
 import json
 import os
 import pathlib
+from collections.abc import Iterator, Mapping
 
 import numpy as np
 import safetensors

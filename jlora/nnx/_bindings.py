@@ -19,7 +19,14 @@ import jax.numpy as jnp
 from flax import nnx
 from flax.nnx.nn import dtypes
 
-from jlora._einsum import Equation, dense_equation, dense_general_equation, layout_from_equation, low_rank_einsum, split_equation
+from jlora._einsum import (
+  Equation,
+  dense_equation,
+  dense_general_equation,
+  layout_from_equation,
+  low_rank_einsum,
+  split_equation,
+)
 from jlora._embedding import embedding_low_rank
 from jlora._errors import JloraError
 from jlora._layout import KernelLayout

@@ -73,7 +73,7 @@ def adapter_specs(adapters: Mapping, specs: Any, targets: Mapping[str, Target]) 
       raise JloraError(f"adapter_specs: no spec for the kernel '{joined}' in specs; pass the spec tree of the "
                        "base params (sharding.param_specs).")
     lora_a, lora_b = factor_specs(target, kernel_specs[path])
-    for name, spec in (("lora_a", lora_a), ("lora_b", lora_b)):
+    for name in ("lora_a", "lora_b"):
       want = target.stack_shape + (target.layout.a_shape if name == "lora_a" else target.layout.b_shape)(target.rank)
       got = tuple(node[name].shape)
       if got != want:

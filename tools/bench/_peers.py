@@ -20,8 +20,20 @@ import optax
 from flax import nnx
 
 import jlora.nnx
-from tools.bench._models import (LORA_ALPHA, LORA_RANK, ONE_ADAPTER_PEFT_TARGET, ONE_ADAPTER_TARGET, PROJECTIONS,
-                                 LinenSetup, Shape, copy_tree, lora_config, lora_train_step, next_token_loss, optimizer)
+from tools.bench._models import (
+  LORA_ALPHA,
+  LORA_RANK,
+  ONE_ADAPTER_PEFT_TARGET,
+  ONE_ADAPTER_TARGET,
+  PROJECTIONS,
+  LinenSetup,
+  Shape,
+  copy_tree,
+  lora_config,
+  lora_train_step,
+  next_token_loss,
+  optimizer,
+)
 from tools.bench._nnx_llama import NnxLlama, flax_lora_projection, plain_projection
 from tools.bench._timing import CompiledStep, Stepper, compile_step
 

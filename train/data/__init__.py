@@ -34,20 +34,12 @@ Example:
   >>> state = batches.get_state()   # JSON-serialisable; data.lm_batches(...).set_state(state) resumes
 """
 
-from train.data._builders import build_jsonl_classification
-from train.data._builders import build_jsonl_instructions
-from train.data._builders import build_text
+from train.data._builders import build_jsonl_classification, build_jsonl_instructions, build_text
 from train.data._errors import DataError
-from train.data._iterator import BatchIterator
-from train.data._iterator import classification_batches
-from train.data._iterator import lm_batches
-from train.data._packing import LMExample
-from train.data._packing import pack_lm_examples
+from train.data._iterator import BatchIterator, classification_batches, lm_batches
+from train.data._packing import LMExample, pack_lm_examples
 from train.data._source import data_source
-from train.data._template import ChatTemplate
-from train.data._template import RoleFormat
-from train.data._template import default_template
-from train.data._template import render_chat
+from train.data._template import ChatTemplate, RoleFormat, default_template, render_chat
 
 __all__ = [
     "BatchIterator",

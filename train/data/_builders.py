@@ -23,24 +23,15 @@ import logging
 import os
 import re
 import sys
-from collections.abc import Mapping
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import tensorflow_datasets as tfds
 
-from train.data._errors import EXISTS
-from train.data._errors import NO_EXAMPLES
-from train.data._errors import BadExample
-from train.data._errors import BadExamplePolicy
-from train.data._errors import DataError
-from train.data._errors import format_skips
-from train.data._kinds import ClassificationKind
-from train.data._kinds import InstructionsKind
-from train.data._kinds import TextKind
-from train.data._units import Unit
-from train.data._units import read_units
+from train.data._errors import EXISTS, NO_EXAMPLES, BadExample, BadExamplePolicy, DataError, format_skips
+from train.data._kinds import ClassificationKind, InstructionsKind, TextKind
+from train.data._units import Unit, read_units
 
 PathsBySplit = Mapping[str, str | os.PathLike | Sequence[str | os.PathLike]]
 # split -> [(path, sorted line numbers of the examples of this split in that file)]

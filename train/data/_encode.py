@@ -5,24 +5,15 @@ Records are what a data source returns: our builders' ``{"role", "content"}`` / 
 that are too long for ``seq_len`` are found, since that needs the tokenizer.
 """
 
-from collections.abc import Callable
-from collections.abc import Mapping
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import tokenizers
 
-from train.data._errors import BAD_VALUE
-from train.data._errors import MISSING_FIELD
-from train.data._errors import NO_TARGET
-from train.data._errors import OVER_LONG
-from train.data._errors import WRONG_TYPE
-from train.data._errors import BadExample
-from train.data._packing import ClassificationExample
-from train.data._packing import LMExample
-from train.data._template import ChatTemplate
-from train.data._template import TokenizedTemplate
+from train.data._errors import BAD_VALUE, MISSING_FIELD, NO_TARGET, OVER_LONG, WRONG_TYPE, BadExample
+from train.data._packing import ClassificationExample, LMExample
+from train.data._template import ChatTemplate, TokenizedTemplate
 
 TurnsFn = Callable[[Mapping[str, Any]], Sequence[tuple[str, str]]]
 

@@ -19,25 +19,15 @@ counts are distinct examples; the first skip is logged once, and ``report()`` gi
 """
 
 import dataclasses
-from collections.abc import Callable
-from collections.abc import Mapping
-from collections.abc import Sequence
-from typing import Any
-from typing import NamedTuple
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
 import tokenizers
 
-from train.data._encode import ClassificationEncoder
-from train.data._encode import LMEncoder
-from train.data._encode import TurnsFn
-from train.data._errors import NO_EXAMPLES
-from train.data._errors import BadExample
-from train.data._errors import BadExamplePolicy
-from train.data._errors import DataError
-from train.data._errors import format_skips
-from train.data._packing import classification_rows
-from train.data._packing import lm_rows
+from train.data._encode import ClassificationEncoder, LMEncoder, TurnsFn
+from train.data._errors import NO_EXAMPLES, BadExample, BadExamplePolicy, DataError, format_skips
+from train.data._packing import classification_rows, lm_rows
 from train.data._template import ChatTemplate
 
 _STATE_KEYS = ("epoch", "position", "seed", "shuffle", "num_examples", "skipped")

@@ -3,11 +3,7 @@
 import json
 from typing import Any
 
-from train.data._errors import BAD_VALUE
-from train.data._errors import MALFORMED_JSON
-from train.data._errors import MISSING_FIELD
-from train.data._errors import WRONG_TYPE
-from train.data._errors import BadExample
+from train.data._errors import BAD_VALUE, MALFORMED_JSON, MISSING_FIELD, WRONG_TYPE, BadExample
 
 CHAT_ROLES = ("system", "user", "assistant")
 

@@ -11,13 +11,9 @@ from typing import Any
 import numpy as np
 import tensorflow_datasets as tfds
 
-from train.data._errors import BAD_VALUE
-from train.data._errors import WRONG_TYPE
-from train.data._errors import BadExample
-from train.data._jsonl import classification_pair
-from train.data._jsonl import instruction_turns
-from train.data._units import UNITS
-from train.data._units import Unit
+from train.data._errors import BAD_VALUE, WRONG_TYPE, BadExample
+from train.data._jsonl import classification_pair, instruction_turns
+from train.data._units import UNITS, Unit
 
 
 def _provenance() -> dict[str, tfds.features.FeatureConnector]:

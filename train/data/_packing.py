@@ -12,8 +12,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from train.data._errors import OVER_LONG
-from train.data._errors import DataError
+from train.data._errors import OVER_LONG, DataError
 
 LM_FIELDS = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
 CLASSIFICATION_FIELDS = ("input_ids", "attention_mask", "token_type_ids", "label", "example_mask")

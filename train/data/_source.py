@@ -6,8 +6,7 @@ from typing import Any
 
 import tensorflow_datasets as tfds
 
-from train.data._errors import NO_EXAMPLES
-from train.data._errors import DataError
+from train.data._errors import NO_EXAMPLES, DataError
 
 
 def data_source(

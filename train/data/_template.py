@@ -13,16 +13,13 @@ The end and bos tokens are inserted by id and must be in the vocabulary.
 """
 
 import dataclasses
-from collections.abc import Mapping
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from types import MappingProxyType
 
 import numpy as np
 import tokenizers
 
-from train.data._errors import BAD_VALUE
-from train.data._errors import BadExample
-from train.data._errors import DataError
+from train.data._errors import BAD_VALUE, BadExample, DataError
 from train.data._packing import LMExample
 
 

@@ -4,10 +4,7 @@ import os
 from collections.abc import Iterator
 from typing import Literal
 
-from train.data._errors import EMPTY_FILE
-from train.data._errors import INVALID_UTF8
-from train.data._errors import BadExample
-from train.data._errors import DataError
+from train.data._errors import EMPTY_FILE, INVALID_UTF8, BadExample, DataError
 
 Unit = Literal["line", "paragraph", "document"]
 UNITS = ("line", "paragraph", "document")

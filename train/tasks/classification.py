@@ -15,13 +15,12 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from jax.sharding import Mesh
 
 import jlora
 from jlora import models
 from train import data
 from train.tasks import stdlib_docs
-from jax.sharding import Mesh
-
 from train.tasks.base import Task, load_base, registered_sources
 
 

@@ -10,10 +10,10 @@
 import hashlib
 import json
 import os
+from pydoc_data.topics import topics
 
 import jax
 import tokenizers
-from pydoc_data.topics import topics
 
 from jlora import models
 
