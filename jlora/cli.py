@@ -1,10 +1,12 @@
 """The ``jlora`` command line: inspect, validate, merge and convert LoRA adapters, safely.
 
-    python -m tools.cli inspect ADAPTER [--base BASE] [--json]
-    python -m tools.cli validate ADAPTER --base BASE [--strict] [--require-manifest]
-    python -m tools.cli merge --base BASE --adapter ADAPTER --out OUT [--dtype bfloat16]
-    python -m tools.cli export-peft --base BASE --adapter ADAPTER --out OUT [--base-model-name-or-path ID]
-    python -m tools.cli import-peft --base BASE --adapter PEFT_DIR --out OUT
+    jlora inspect ADAPTER [--base BASE] [--json]
+    jlora validate ADAPTER --base BASE [--strict] [--require-manifest]
+    jlora merge --base BASE --adapter ADAPTER --out OUT [--dtype bfloat16]
+    jlora export-peft --base BASE --adapter ADAPTER --out OUT [--base-model-name-or-path ID]
+    jlora import-peft --base BASE --adapter PEFT_DIR --out OUT
+
+``jlora`` is the console script ``pip install jlora`` installs; ``python -m jlora`` runs the same.
 
 ``BASE`` is a Hugging Face checkpoint directory (``config.json`` + ``*.safetensors``) of a
 ``jlora.models`` architecture. ``ADAPTER`` is either a jlora adapter directory (``jlora.save_adapters``:

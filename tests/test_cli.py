@@ -1,4 +1,4 @@
-"""The jlora command line (python -m tools.cli), end to end in subprocesses on saved adapters."""
+"""The jlora command line (jlora.cli; `jlora` / `python -m jlora`), end to end in subprocesses on saved adapters."""
 
 import json
 import os
@@ -15,8 +15,7 @@ from test_safe_load import random_like
 
 import jlora
 import jlora.peft
-from jlora import models
-from tools import cli
+from jlora import cli, models
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TOKENS = np.zeros((1, 1), np.int32)
@@ -37,7 +36,7 @@ def saved(tmp_path_factory):
 
 def _start(*args: str) -> subprocess.Popen:
   env = {**os.environ, "HF_HUB_OFFLINE": "1", "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "3"}
-  return subprocess.Popen([sys.executable, "-m", "tools.cli", *map(str, args)], cwd=ROOT, env=env, text=True,
+  return subprocess.Popen([sys.executable, "-m", "jlora", *map(str, args)], cwd=ROOT, env=env, text=True,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
