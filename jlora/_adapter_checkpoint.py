@@ -2,7 +2,8 @@
 
 Loading applies jlora's adapter safety checks (``jlora.LoadPolicy``): no pickled files, size caps,
 the manifest when present (or required), strict metadata JSON, the exact expected tree with float
-dtypes only, finite values, the base fingerprint, and (given the base) the update-norm report.
+dtypes only, finite values, the base fingerprint (given a base, an adapter must store one unless
+``LoadPolicy.allow_missing_fingerprint``), and (given the base) the update-norm report.
 """
 
 import json
@@ -20,6 +21,7 @@ from jlora._fingerprint import fingerprint
 from jlora._safety import (
   LoadPolicy,
   UnsafeAdapterError,
+  check_base_fingerprint,
   check_dtypes,
   check_finite,
   enforce_norms,
@@ -45,7 +47,8 @@ def save_adapters(path: str | os.PathLike, adapters: Mapping, config: LoraConfig
     path: a new directory.
     adapters: the adapter tree (possibly sharded; orbax writes from every host).
     config: the LoraConfig the adapters were trained with.
-    base_fingerprint: ``jlora.fingerprint(params)`` of the base model, checked on load.
+    base_fingerprint: ``jlora.fingerprint(params)`` of the base model, checked on load. An adapter
+      saved without one loads onto a given base only with ``LoadPolicy(allow_missing_fingerprint=True)``.
     extra: more JSON-serialisable metadata (e.g. training step, base model path).
     manifest: write a ``SHA256SUMS`` manifest of every file (``sha256sum -c`` format); a loader
       then refuses any modified file.
@@ -163,11 +166,12 @@ def load_adapters(path: str | os.PathLike, target: Mapping, *, base_fingerprint:
     target: the expected adapter tree as arrays or ``jax.ShapeDtypeStruct`` (with ``sharding`` to
       restore straight onto a mesh), e.g. ``jax.eval_shape(lora.init, key, params, x)``. The saved
       tree must have exactly this structure, shapes and dtypes.
-    base_fingerprint: if given, must equal the fingerprint stored at save time (when one was stored).
+    base_fingerprint: if given, must equal the fingerprint stored at save time; an adapter saved
+      without one is refused unless ``policy.allow_missing_fingerprint``.
     sharding: a ``jax.sharding.Sharding`` for every leaf, or a tree of them like ``target``;
       overrides the shardings in ``target``.
-    params: the base params; their fingerprint is checked when ``base_fingerprint`` is not given and,
-      with ``lora``, the update-norm report runs.
+    params: the base params; their fingerprint is checked (as ``base_fingerprint``) when
+      ``base_fingerprint`` is not given and, with ``lora``, the update-norm report runs.
     lora: the traced ``jlora.Lora`` the adapters belong to (enables the norm report, with ``params``).
     policy: size caps, manifest requirement and norm strictness (``jlora.LoadPolicy()`` by default).
 
@@ -176,7 +180,7 @@ def load_adapters(path: str | os.PathLike, target: Mapping, *, base_fingerprint:
 
   Raises:
     UnsafeAdapterError: a pickled or oversized file, a manifest mismatch, missing/invalid metadata, a
-      base-model mismatch, a tree that does not match ``target``, a non-float dtype, NaN/inf values,
+      base-model mismatch or (given a base) no stored fingerprint, a tree that does not match ``target``, a non-float dtype, NaN/inf values,
       or (strict policy) outlier update norms. Norm outliers warn (``AdapterNormWarning``) otherwise.
   """
   policy = policy or LoadPolicy()
@@ -184,12 +188,11 @@ def load_adapters(path: str | os.PathLike, target: Mapping, *, base_fingerprint:
   files = _check_files(directory, policy)
   verify_manifest(directory, covering=tuple(files), policy=policy)
   metadata = load_adapter_metadata(directory, policy=policy)
-  stored = metadata["base_fingerprint"]
   if base_fingerprint is None and params is not None:
     base_fingerprint = fingerprint(params)
-  if base_fingerprint is not None and stored is not None and stored != base_fingerprint:
-    raise UnsafeAdapterError(f"Adapter at {os.fspath(path)!r} was trained on a different base model "
-                             f"(fingerprint {stored}, this base {base_fingerprint}).")
+  check_base_fingerprint(metadata["base_fingerprint"], base_fingerprint, policy, f"Adapter at {os.fspath(path)!r}",
+                         f'"base_fingerprint" is null in {_METADATA}',
+                         "jlora.save_adapters stores one when given base_fingerprint=. ")
   abstract = _abstract(target, sharding)
   check_dtypes(abstract, f"target for {os.fspath(path)!r}")
   item = str(directory / _ITEM)

@@ -1,10 +1,10 @@
 """The ``jlora`` command line: inspect, validate, merge and convert LoRA adapters, safely.
 
     jlora inspect ADAPTER [--base BASE] [--json]
-    jlora validate ADAPTER --base BASE [--strict] [--require-manifest]
+    jlora validate ADAPTER --base BASE [--strict] [--require-manifest] [--allow-missing-fingerprint]
     jlora merge --base BASE --adapter ADAPTER --out OUT [--dtype bfloat16]
     jlora export-peft --base BASE --adapter ADAPTER --out OUT [--base-model-name-or-path ID]
-    jlora import-peft --base BASE --adapter PEFT_DIR --out OUT
+    jlora import-peft --base BASE --adapter PEFT_DIR --out OUT [--allow-missing-fingerprint]
 
 ``jlora`` is the console script ``pip install jlora`` installs; ``python -m jlora`` runs the same.
 
@@ -12,7 +12,9 @@
 ``jlora.models`` architecture. ``ADAPTER`` is either a jlora adapter directory (``jlora.save_adapters``:
 ``jlora_adapter.json`` + orbax) or a PEFT LoRA directory (``adapter_config.json`` +
 ``adapter_model.safetensors``); the kind is detected. Every adapter is loaded through jlora's safety
-checks; a refused adapter exits with status 1 and the reason on stderr.
+checks; a refused adapter exits with status 1 and the reason on stderr. An adapter that stores no
+base fingerprint is refused unless ``--allow-missing-fingerprint`` is given: adapters written by
+Hugging Face PEFT itself store none, so importing one needs the flag.
 """
 
 import argparse
@@ -34,13 +36,16 @@ from jlora import models
 
 _SAFETY = """safety checks (all load paths): safetensors/orbax only, never pickle; file, header and JSON size
 caps; float16/bfloat16/float32 only; exactly the tensors and shapes the config and base imply; finite
-values; the base fingerprint when stored; the SHA256SUMS manifest when present; per-module update norms
-||s*A@B||/||W|| with outliers flagged (a warning, or a refusal with --strict)."""
+values; the stored base fingerprint against --base (an adapter that stores none is refused unless
+--allow-missing-fingerprint: Hugging Face PEFT's own files store none); the SHA256SUMS manifest when
+present; per-module update norms ||s*A@B||/||W|| with outliers flagged (a warning, or a refusal with
+--strict)."""
 
 
 def _policy(args) -> jlora.LoadPolicy:
   return jlora.LoadPolicy(strict=getattr(args, "strict", False),
-                          require_manifest=getattr(args, "require_manifest", False))
+                          require_manifest=getattr(args, "require_manifest", False),
+                          allow_missing_fingerprint=getattr(args, "allow_missing_fingerprint", False))
 
 
 def _kind(adapter: pathlib.Path) -> str:
@@ -263,6 +268,10 @@ def _parser() -> argparse.ArgumentParser:
                                                          "(default: warn)")
     p.add_argument("--require-manifest", action="store_true", help="refuse an adapter directory without a "
                                                                    "SHA256SUMS manifest")
+    p.add_argument("--allow-missing-fingerprint", action="store_true",
+                   help="load an adapter that stores no base fingerprint, so its base cannot be checked "
+                        "(LoadPolicy.allow_missing_fingerprint). Hugging Face PEFT's own save_pretrained stores none: "
+                        "genuine PEFT adapters need this flag; jlora's writers always store one.")
 
   p = command("inspect", "show an adapter's targets, ranks, parameter counts, dtypes and update-norm report",
               "Loads the adapter (safely) and prints its LoraConfig, a per-target table (kernel shape, rank, scale, "
@@ -283,7 +292,8 @@ def _parser() -> argparse.ArgumentParser:
   base(p)
   strictness(p)
   p.add_argument("--expected-fingerprint", help="require this stored base fingerprint (jlora.fingerprint for "
-                                                "jlora adapters, jlora.peft.base_fingerprint for PEFT files)")
+                                                "jlora adapters, jlora.peft.base_fingerprint for PEFT files), "
+                                                "even with --allow-missing-fingerprint")
   p.add_argument("--expected-base-model", help="require this base_model_name_or_path (PEFT adapters)")
   p.set_defaults(run=_validate)
 
@@ -315,7 +325,9 @@ def _parser() -> argparse.ArgumentParser:
   p = command("import-peft", "load a PEFT LoRA adapter (safely) and save it as a jlora adapter",
               "Reads a PEFT adapter directory through every safety check (PEFT's own matching rules decide the "
               "adapted modules, ranks and alphas; the file must hold exactly those tensors) and writes it with "
-              "jlora.save_adapters (orbax + jlora_adapter.json + SHA256SUMS), fingerprinted to the base.")
+              "jlora.save_adapters (orbax + jlora_adapter.json + SHA256SUMS), fingerprinted to the base. An "
+              "adapter written by PEFT itself stores no base fingerprint: pass --allow-missing-fingerprint to "
+              "import it.")
   base(p)
   p.add_argument("--adapter", required=True, help="PEFT adapter directory")
   p.add_argument("--out", required=True, help="output directory for the jlora adapter")

@@ -113,6 +113,27 @@ def test_validate_refusals_in_process(saved, tmp_path, capsys):
   assert "neither a jlora adapter directory" in capsys.readouterr().err
 
 
+def test_adapters_without_a_fingerprint_need_the_flag(saved, tmp_path, capsys):
+  root, model, params, lora, adapters = saved
+  base = str(root / "base")
+  jlora.save_adapters(tmp_path / "stripped", adapters, lora.config)  # no base_fingerprint stored
+  assert cli.main(["validate", str(tmp_path / "stripped"), "--base", base]) == 1
+  err = capsys.readouterr().err
+  assert "stores no base fingerprint" in err and "--allow-missing-fingerprint" in err
+  assert cli.main(["validate", str(tmp_path / "stripped"), "--base", base, "--allow-missing-fingerprint"]) == 0
+  assert capsys.readouterr().out.startswith("OK: ")
+
+  # A PEFT-format adapter without a fingerprint (as PEFT's own save_pretrained writes them): import needs the flag,
+  # and the imported jlora adapter is fingerprinted to the base.
+  jlora.peft.save_pretrained(tmp_path / "peft", adapters, lora.config, model)
+  command = ["import-peft", "--base", base, "--adapter", str(tmp_path / "peft"), "--out", str(tmp_path / "imported")]
+  assert cli.main(command) == 1
+  assert "PEFT's own save_pretrained writes none" in capsys.readouterr().err
+  assert cli.main([*command, "--allow-missing-fingerprint"]) == 0
+  assert jlora.load_adapter_metadata(tmp_path / "imported")["base_fingerprint"] == jlora.fingerprint(params)
+  assert cli.main(["validate", str(tmp_path / "imported"), "--base", base]) == 0
+
+
 def test_inspect_json(saved, capsys):
   root, *_ = saved
   assert cli.main(["inspect", str(root / "adapter"), "--json"]) == 0  # without a base: no values read

@@ -31,6 +31,8 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWa
 
 ATOL = 1e-5
 IDS, MASK = left_padded_batch(seed=4, length=7, pad=2)
+# Hugging Face PEFT writes no base fingerprint; jlora loads such a file only when told to.
+ALLOW_NO_FINGERPRINT = jlora.LoadPolicy(allow_missing_fingerprint=True)
 
 # arch -> (jlora LoraConfig kwargs, scan_layers). Patterns and rsLoRA make ranks and scales differ per module.
 EXPORT_CASES = {
@@ -172,7 +174,8 @@ def test_import_from_peft(case, bases, tmp_path):
   peft_model.save_pretrained(tmp_path)
   expected = _torch_outputs(arch, peft_model)
 
-  adapters, config = jlora.peft.from_pretrained(tmp_path, model, params, IDS, MASK)
+  # PEFT's own files store no base fingerprint: loading one is an explicit choice.
+  adapters, config = jlora.peft.from_pretrained(tmp_path, model, params, IDS, MASK, policy=ALLOW_NO_FINGERPRINT)
   _close(_jlora_outputs(model, params, adapters, config), expected)
   assert config.use_rslora == kwargs.get("use_rslora", False)
 
@@ -214,10 +217,12 @@ def _peft_dir(tmp_path, arch, **kwargs):
 def test_import_refusals(bases, tmp_path):
   model, params = bases("llama", True)
   partial = _peft_dir(tmp_path / "partial", "llama", target_modules=["q_proj"], layers_to_transform=[1])
-  with pytest.raises(jlora.UnsafeAdapterError, match=r"only layers \[1\].*scan_layers=False"):
+  with pytest.raises(jlora.UnsafeAdapterError, match="PEFT's own save_pretrained writes none.*allow_missing_fingerprint"):
     jlora.peft.from_pretrained(partial, model, params)
+  with pytest.raises(jlora.UnsafeAdapterError, match=r"only layers \[1\].*scan_layers=False"):
+    jlora.peft.from_pretrained(partial, model, params, policy=ALLOW_NO_FINGERPRINT)
   unrolled, unrolled_params = bases("llama", False)
-  _, config = jlora.peft.from_pretrained(partial, unrolled, unrolled_params)
+  _, config = jlora.peft.from_pretrained(partial, unrolled, unrolled_params, policy=ALLOW_NO_FINGERPRINT)
   assert config.targets == [r"model/layers_1/self_attn/q_proj/kernel"]
 
   dora = _peft_dir(tmp_path / "dora", "llama", target_modules=["q_proj"], use_dora=True)
@@ -233,7 +238,7 @@ def test_import_refusals(bases, tmp_path):
   with pytest.raises(jlora.UnsafeAdapterError, match="base_model_name_or_path"):
     jlora.peft.from_pretrained(plain, model, params, expected_base_model="meta-llama/Llama-3.2-1B")
   with pytest.raises(jlora.UnsafeAdapterError, match="stores base fingerprint None"):
-    jlora.peft.from_pretrained(plain, model, params, expected_fingerprint="sha256:00")
+    jlora.peft.from_pretrained(plain, model, params, expected_fingerprint="sha256:00", policy=ALLOW_NO_FINGERPRINT)
 
 
 def test_import_checks_the_stored_base_fingerprint(bases, tmp_path):

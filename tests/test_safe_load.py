@@ -271,7 +271,7 @@ def test_orbax_load_goes_through_the_safety_checks(tmp_path, small):
 def test_orbax_norm_report_warns_or_refuses(tmp_path, small):
   _, params, lora, adapters = small
   blown = jax.tree_util.tree_map_with_path(lambda p, x: 1e3 * x if p[0].key == "q_proj" else x, adapters)
-  jlora.save_adapters(tmp_path / "a", blown, lora.config)
+  jlora.save_adapters(tmp_path / "a", blown, lora.config, base_fingerprint=jlora.fingerprint(params))
   target = jax.eval_shape(lambda: adapters)
   with pytest.warns(jlora.AdapterNormWarning, match="q_proj/kernel"):
     jlora.load_adapters(tmp_path / "a", target, params=params, lora=lora)
@@ -279,8 +279,72 @@ def test_orbax_norm_report_warns_or_refuses(tmp_path, small):
     jlora.load_adapters(tmp_path / "a", target, params=params, lora=lora, policy=jlora.LoadPolicy(strict=True))
   with warnings.catch_warnings():
     warnings.simplefilter("error")
-    jlora.save_adapters(tmp_path / "b", adapters, lora.config)
+    jlora.save_adapters(tmp_path / "b", adapters, lora.config, base_fingerprint=jlora.fingerprint(params))
     jlora.load_adapters(tmp_path / "b", target, params=params, lora=lora)
+
+
+# --- a stored fingerprint that was deleted, renamed or never written ------------------------------------
+
+ALLOW_NO_FINGERPRINT = jlora.LoadPolicy(allow_missing_fingerprint=True)
+
+
+def _edit_safetensors_metadata(path, edit):
+  """Rewrites the ``__metadata__`` of a safetensors file with ``edit(dict) -> dict``; tensors stay byte for byte."""
+  data = path.read_bytes()
+  length = int.from_bytes(data[:8], "little")
+  header = json.loads(data[8:8 + length])
+  header["__metadata__"] = edit(header["__metadata__"])
+  encoded = json.dumps(header).encode()
+  path.write_bytes(len(encoded).to_bytes(8, "little") + encoded + data[8 + length:])
+
+
+@pytest.mark.parametrize("edit", ["deleted", "renamed", "never written"])
+def test_peft_file_without_fingerprint_is_refused_onto_a_base(tmp_path, gpt2_adapter, edit):
+  model, params, config, adapters = gpt2_adapter
+  # Without a manifest, as a PEFT directory is (or after an attacker removed it): only the base check is left.
+  jlora.peft.save_pretrained(tmp_path, adapters, config, model, params=None if edit == "never written" else params,
+                             manifest=False)
+  weights = tmp_path / "adapter_model.safetensors"
+  if edit == "deleted":
+    _edit_safetensors_metadata(weights, lambda m: {k: v for k, v in m.items() if k != "jlora_base_fingerprint"})
+  elif edit == "renamed":
+    _edit_safetensors_metadata(weights, lambda m: {k.replace("fingerprint", "fingerprinX"): v for k, v in m.items()})
+  with pytest.raises(jlora.UnsafeAdapterError, match="stores no base fingerprint") as refused:
+    jlora.peft.from_pretrained(tmp_path, model, params)
+  message = str(refused.value)
+  assert "PEFT's own save_pretrained writes none" in message and "LoadPolicy.allow_missing_fingerprint" in message
+  with pytest.raises(jlora.UnsafeAdapterError, match="stores no base fingerprint"):
+    jlora.peft.from_pretrained(tmp_path, model, params, policy=jlora.LoadPolicy(strict=True))
+  # An explicit expectation is not waived by the allowance.
+  with pytest.raises(jlora.UnsafeAdapterError, match="stores base fingerprint None, expected"):
+    jlora.peft.from_pretrained(tmp_path, model, params, policy=ALLOW_NO_FINGERPRINT,
+                               expected_fingerprint=jlora.peft.base_fingerprint(model, params))
+  loaded, _ = jlora.peft.from_pretrained(tmp_path, model, params, policy=ALLOW_NO_FINGERPRINT)
+  jax.tree.map(np.testing.assert_array_equal, loaded, adapters)
+
+
+def test_orbax_adapter_without_fingerprint_is_refused_onto_a_base(tmp_path, small):
+  _, params, lora, adapters = small
+  target = jax.eval_shape(lambda: adapters)
+  fp = jlora.fingerprint(params)
+  jlora.save_adapters(tmp_path / "stripped", adapters, lora.config, base_fingerprint=fp, manifest=False)
+  metadata_file = tmp_path / "stripped" / "jlora_adapter.json"
+  metadata_file.write_text(json.dumps({**json.loads(metadata_file.read_text()), "base_fingerprint": None}))
+  jlora.save_adapters(tmp_path / "never", adapters, lora.config)
+  for name in ("stripped", "never"):
+    for base in (dict(params=params), dict(base_fingerprint=fp), dict(params=params, lora=lora)):
+      with pytest.raises(jlora.UnsafeAdapterError, match=r"stores no base fingerprint \("
+                                                         r'"base_fingerprint" is null.*allow_missing_fingerprint'):
+        jlora.load_adapters(tmp_path / name, target, **base)
+    loaded, _ = jlora.load_adapters(tmp_path / name, target, params=params, policy=ALLOW_NO_FINGERPRINT)
+    jax.tree.map(np.testing.assert_array_equal, loaded, adapters)
+    loaded, _ = jlora.load_adapters(tmp_path / name, target)  # no base given: nothing to check it against
+    jax.tree.map(np.testing.assert_array_equal, loaded, adapters)
+  # Deleting the key altogether is a malformed metadata file.
+  metadata_file.write_text(json.dumps({k: v for k, v in json.loads(metadata_file.read_text()).items()
+                                       if k != "base_fingerprint"}))
+  with pytest.raises(jlora.UnsafeAdapterError, match="has keys"):
+    jlora.load_adapters(tmp_path / "stripped", target, params=params, policy=ALLOW_NO_FINGERPRINT)
 
 
 def test_bfloat16_adapters_round_trip_through_peft_files(tmp_path, gpt2_adapter):

@@ -2,11 +2,13 @@
 
 * ``UnsafeAdapterError`` / ``AdapterNormWarning``: how refusals and suspicions are reported.
 * ``LoadPolicy``: size caps, manifest requirement, norm-outlier thresholds and strictness.
+* ``check_base_fingerprint``: the stored base fingerprint against the caller's base (a missing one is refused).
 * ``read_safetensors``: a strict pure-Python safetensors reader (never pickle).
 * ``write_manifest`` / ``verify_manifest``: ``SHA256SUMS`` files.
 * ``norm_report`` / ``NormReport`` / ``NormRow``: per-module update norms and outliers.
 """
 
+from jlora._safety._base_check import check_base_fingerprint
 from jlora._safety._errors import AdapterNormWarning, UnsafeAdapterError
 from jlora._safety._files import read_json, refuse_pickle_name
 from jlora._safety._manifest import (
@@ -29,6 +31,7 @@ __all__ = [
     "NormRow",
     "SafetensorsFile",
     "UnsafeAdapterError",
+    "check_base_fingerprint",
     "check_dtypes",
     "check_finite",
     "enforce_norms",

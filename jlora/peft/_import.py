@@ -18,6 +18,7 @@ from jlora._lora import Lora
 from jlora._safety import (
   LoadPolicy,
   UnsafeAdapterError,
+  check_base_fingerprint,
   enforce_norms,
   norm_report,
   read_safetensors,
@@ -218,7 +219,8 @@ def from_pretrained(path: str | os.PathLike, model, params: Mapping, *example_in
   Checks (each failure is a ``jlora.UnsafeAdapterError``): safetensors only, never pickle; the file
   and header size caps of ``policy``; header well-formed; dtypes float16/bfloat16/float32; exact key
   set and shapes; finite values; the ``SHA256SUMS`` manifest when present (or required); the stored
-  base fingerprint (jlora-written files) against ``params``; ``expected_fingerprint`` and
+  base fingerprint against ``params`` (a file without one, such as PEFT's own files, is refused unless
+  ``policy.allow_missing_fingerprint``); ``expected_fingerprint`` and
   ``expected_base_model`` when given; PEFT features jlora does not compute (DoRA, biases,
   ``modules_to_save``, base-changing inits) refused; and the update-norm report (warns, or refuses
   with ``LoadPolicy(strict=True)``).
@@ -228,8 +230,10 @@ def from_pretrained(path: str | os.PathLike, model, params: Mapping, *example_in
     model: the ``jlora.models`` module of the base.
     params: the base params (stacked or unrolled, as ``model.config.scan_layers`` says).
     *example_inputs: inputs for tracing ``model`` (default: one token).
-    policy: size caps, manifest requirement and norm strictness.
-    expected_fingerprint: require the file's stored base fingerprint to be this.
+    policy: size caps, manifest requirement, norm strictness, and whether a file without a stored
+      base fingerprint may load (``LoadPolicy(allow_missing_fingerprint=True)``: genuine PEFT files).
+    expected_fingerprint: require the file's stored base fingerprint to be this (even with the
+      allowance).
     expected_base_model: require ``base_model_name_or_path`` in the config to be this.
 
   Returns:
@@ -273,9 +277,10 @@ def from_pretrained(path: str | os.PathLike, model, params: Mapping, *example_in
   stored = file.metadata.get(METADATA_KEY)
   if expected_fingerprint is not None and stored != expected_fingerprint:
     raise _fail(directory, f"stores base fingerprint {stored!r}, expected {expected_fingerprint!r}.")
-  if stored is not None and stored != base_fingerprint(model, params):
-    raise _fail(directory, f"was exported for a different base model (fingerprint {stored}, this base "
-                           f"{base_fingerprint(model, params)}).")
+  check_base_fingerprint(stored, base_fingerprint(model, params), policy, f"PEFT adapter {directory}",
+                         f"no {METADATA_KEY!r} in the __metadata__ of {WEIGHTS_FILE}",
+                         "Hugging Face PEFT's own save_pretrained writes none (jlora.peft.save_pretrained writes "
+                         "one when given params=), so a genuine PEFT adapter needs the allowance. ")
   tensors = file.tensors
   _check_base_layers(tensors, modules, tie, table, params, directory)
   if tie:
