@@ -1,9 +1,10 @@
-"""Reference models that load Hugging Face checkpoints: Llama family, Gemma, GPT-2, BERT.
+"""Reference models that load Hugging Face checkpoints and GGUF files: Llama family, Gemma, GPT-2, BERT.
 
 Flax linen modules whose parameters are a plain pytree named after the Hugging Face modules
 (``model/layers/self_attn/q_proj/kernel``), so LoRA targets are regexes over '/'-joined paths; every
 weight matrix is a plain ``nn.Dense`` / ``nn.Embed``. Checkpoints are read and written as
-safetensors without torch; generation runs a jitted KV-cache loop.
+safetensors without torch; GGUF files (llama.cpp's format, quantized or not) load through the same
+strict path, their tokenizer and chat template included; generation runs a jitted KV-cache loop.
 
 Example:
   >>> import jax, jax.numpy as jnp
@@ -19,6 +20,7 @@ Example:
 """
 
 from jlora.models._bert import BertConfig, BertModel
+from jlora.models._chat_template import ChatTemplate, apply_chat_template, load_chat_template
 from jlora.models._checkpoint import from_pretrained, model_for_config, save_pretrained
 from jlora.models._errors import CheckpointError
 from jlora.models._generate import generate
@@ -34,6 +36,7 @@ from jlora.models._tokenizer import load_tokenizer
 __all__ = [
     "BertConfig",
     "BertModel",
+    "ChatTemplate",
     "CheckpointError",
     "GPT2Config",
     "GPT2LMHeadModel",
@@ -41,11 +44,13 @@ __all__ = [
     "LlamaConfig",
     "LlamaForCausalLM",
     "LlamaModel",
+    "apply_chat_template",
     "config_from_hf",
     "config_to_hf",
     "from_pretrained",
     "generate",
     "init_cache",
+    "load_chat_template",
     "load_tokenizer",
     "mean_pool",
     "model_for_config",

@@ -22,6 +22,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from jlora.models._bert import BertConfig, BertModel
 from jlora.models._errors import CheckpointError
+from jlora.models._gguf import GgufReader, hf_config_from_gguf, is_gguf, open_gguf
 from jlora.models._gpt2 import GPT2Config, GPT2LMHeadModel
 from jlora.models._hf_configs import ModelConfig, config_from_hf, config_to_hf
 from jlora.models._llama import LlamaConfig, LlamaForCausalLM
@@ -235,10 +236,13 @@ def from_pretrained(
     mesh: Mesh | None = None,
     rules: Iterable[tuple[str, Any]] | None = None,
 ) -> tuple[Model, Params]:
-  """Loads a Hugging Face checkpoint directory (``config.json`` + ``*.safetensors``).
+  """Loads a Hugging Face checkpoint directory (``config.json`` + ``*.safetensors``) or a GGUF file.
 
   ``model_type`` picks the module: ``llama``, ``mistral``, ``qwen2``, ``gemma`` ->
   :class:`LlamaForCausalLM`; ``gpt2`` -> :class:`GPT2LMHeadModel`; ``bert`` -> :class:`BertModel`.
+  A ``*.gguf`` file (llama.cpp's format, architectures ``llama``, ``qwen2``, ``gemma``) loads the same
+  way: its metadata gives the config, its tensors (any type the ``gguf`` package dequantizes) become
+  float32 before the cast to ``param_dtype``.
   Sharded checkpoints (``model.safetensors.index.json``) and bfloat16 tensors are read with numpy;
   torch is never imported. Kernels are transposed to ``(in, out)``; with ``scan_layers`` per-layer
   tensors are stacked along a leading axis.
@@ -249,7 +253,7 @@ def from_pretrained(
   tensor), so no host holds a whole split tensor. Replicated params are read whole.
 
   Args:
-    path: the checkpoint directory.
+    path: the checkpoint directory, or a ``.gguf`` file.
     dtype: compute dtype of the model.
     param_dtype: dtype the parameters are converted to.
     scan_layers: stack layers with ``nn.scan``; None keeps the default (on for decoders, off for BERT).
@@ -288,14 +292,20 @@ def from_pretrained(
   if rules is not None and mesh is None:
     raise CheckpointError("from_pretrained got sharding rules but no mesh; pass mesh=jlora.sharding.make_mesh(...).")
   directory = pathlib.Path(path)
-  config_file = directory / "config.json"
-  if not config_file.exists():
-    raise CheckpointError(f"{directory} has no config.json.")
-  config = config_from_hf(json.loads(config_file.read_text()))
+  if is_gguf(directory):
+    gguf_file = open_gguf(directory)
+    config = config_from_hf(hf_config_from_gguf(gguf_file))
+    open_reader = lambda: GgufReader(gguf_file, config)  # noqa: E731
+  else:
+    config_file = directory / "config.json"
+    if not config_file.exists():
+      raise CheckpointError(f"{directory} has no config.json.")
+    config = config_from_hf(json.loads(config_file.read_text()))
+    open_reader = lambda: SafetensorsReader(directory)  # noqa: E731
   runtime: dict[str, Any] = dict(dtype=dtype, param_dtype=param_dtype, remat=remat)
   if scan_layers is not None:
     runtime["scan_layers"] = scan_layers
-  with SafetensorsReader(directory) as reader:
+  with open_reader() as reader:
     if isinstance(config, BertConfig):
       # The pooler is optional: BertModel files have it, sentence encoders may not use it.
       canonical = _canonical_names(list(reader.names()), name_map(config), ignore)

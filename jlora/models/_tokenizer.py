@@ -8,6 +8,8 @@ from typing import Literal
 import tokenizers
 
 from jlora.models._errors import CheckpointError
+from jlora.models._gguf import is_gguf, open_gguf
+from jlora.models._gguf_tokenizer import read_vocabulary, tokenizer_from_vocabulary
 
 
 def _pad_token(directory: pathlib.Path) -> str | None:
@@ -29,7 +31,7 @@ def load_tokenizer(
     pad_token: str | None = None,
     max_length: int | None = None,
 ) -> tokenizers.Tokenizer:
-  """Loads ``tokenizer.json`` of a checkpoint directory as a ``tokenizers.Tokenizer``.
+  """Loads ``tokenizer.json`` of a checkpoint directory, or a GGUF file's vocabulary, as a ``tokenizers.Tokenizer``.
 
   Like transformers' fast tokenizers, the padding and truncation stored in ``tokenizer.json`` are
   switched off (e.g. MiniLM's file pads everything to 128 tokens); special tokens are still added by
@@ -38,10 +40,11 @@ def load_tokenizer(
   ``"right"`` for encoders.
 
   Args:
-    path: the checkpoint directory (or the ``tokenizer.json`` file itself).
+    path: the checkpoint directory (or the ``tokenizer.json`` file itself), or a ``.gguf`` file, whose
+      ``tokenizer.ggml.*`` metadata is rebuilt into the pipeline transformers builds for it.
     padding_side: enable padding on this side, or None for no padding.
     pad_token: the padding token; None reads ``pad_token`` from ``tokenizer_config.json`` or
-      ``special_tokens_map.json``.
+      ``special_tokens_map.json`` (a GGUF file's ``tokenizer.ggml.padding_token_id``).
     max_length: truncate encodings to this many tokens, or None for no truncation.
 
   Returns:
@@ -52,16 +55,22 @@ def load_tokenizer(
     CheckpointError: no ``tokenizer.json``, or padding requested without a known pad token.
   """
   path = pathlib.Path(path)
-  file = path if path.is_file() else path / "tokenizer.json"
-  if not file.exists():
-    raise CheckpointError(f"No tokenizer.json in {path} (only fast tokenizers are supported).")
-  tokenizer = tokenizers.Tokenizer.from_file(str(file))
+  if is_gguf(path):
+    vocabulary = read_vocabulary(open_gguf(path))
+    tokenizer = tokenizer_from_vocabulary(vocabulary)
+    default_pad_token = lambda: vocabulary.special_token("pad")  # noqa: E731
+  else:
+    file = path if path.is_file() else path / "tokenizer.json"
+    if not file.exists():
+      raise CheckpointError(f"No tokenizer.json in {path} (only fast tokenizers are supported).")
+    tokenizer = tokenizers.Tokenizer.from_file(str(file))
+    default_pad_token = lambda: _pad_token(file.parent)  # noqa: E731
   tokenizer.no_padding()
   tokenizer.no_truncation()
   if max_length is not None:
     tokenizer.enable_truncation(max_length)
   if padding_side is not None:
-    pad_token = pad_token or _pad_token(file.parent)
+    pad_token = pad_token or default_pad_token()
     pad_id = tokenizer.token_to_id(pad_token) if pad_token else None
     if pad_id is None:
       raise CheckpointError(
