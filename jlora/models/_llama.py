@@ -8,18 +8,41 @@ Every weight matrix is a plain ``nn.Dense`` / ``nn.Embed`` with kernels laid out
 import dataclasses
 import math
 
-import flax.linen as nn
-import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from jlora._errors import JloraError
 from jlora.models._activations import activation
-from jlora.models._attention import attention_mask as make_attention_mask
-from jlora.models._attention import dot_product_attention
-from jlora.models._kv_cache import Slots, default_position_ids, sequence_slots, update_kv
-from jlora.models._norms import RMSNorm
-from jlora.models._rope import Llama3RopeScaling, apply_rope, inverse_frequencies, rope_angles
-from jlora.models._stacking import RematPolicy, apply_layers
+from jlora.models._decoder import CausalLM, Decoder
+from jlora.models._partition import partition_rules
+from jlora.models._rope import Llama3RopeScaling
+from jlora.models._stacking import RematPolicy
+from jlora.models._transformer import LayerNames, TransformerSpec
+
+_NAMES = LayerNames(
+    body="model",
+    tokens="embed_tokens",
+    layers="layers",
+    attention="self_attn",
+    q="q_proj",
+    k="k_proj",
+    v="v_proj",
+    o="o_proj",
+    mlp="mlp",
+    gate="gate_proj",
+    up="up_proj",
+    down="down_proj",
+    norm_1="input_layernorm",
+    norm_2="post_attention_layernorm",
+    final_norm="norm",
+)
+
+_RULES = partition_rules(_NAMES, post_norm=False, outside_layers={
+    # Vocab-parallel embedding (the tied head's logits then come out split over the vocabulary).
+    "embed_tokens/embedding": P("tensor", "fsdp"),
+    "norm/scale": P(),
+    "lm_head/kernel": P("fsdp", "tensor"),
+})
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -112,174 +135,50 @@ class LlamaConfig:
       raise JloraError(f"head_dim must be even for rotary embeddings, got {self.head_dim}.")
     activation(self.hidden_act)  # fail on an unknown activation now rather than at the first call
 
-
-def _dense(config: LlamaConfig, features: int, use_bias: bool, name: str | None) -> nn.Dense:
-  return nn.Dense(
-      features,
-      use_bias=use_bias,
-      dtype=config.dtype,
-      param_dtype=config.param_dtype,
-      kernel_init=nn.initializers.normal(config.initializer_range),
-      name=name,
-  )
-
-
-def _rms_norm(config: LlamaConfig, name: str | None = None) -> RMSNorm:
-  return RMSNorm(
-      epsilon=config.rms_norm_eps,
-      zero_centered=config.norm_zero_centered,
-      dtype=config.dtype,
-      param_dtype=config.param_dtype,
-      name=name,
-  )
-
-
-class LlamaAttention(nn.Module):
-  """Grouped-query self-attention with rotary embeddings and an optional KV cache."""
-
-  config: LlamaConfig
-
-  @nn.compact
-  def __call__(
-      self,
-      x_btd: jax.Array,
-      mask_bts: jax.Array,
-      cos_bth: jax.Array,
-      sin_bth: jax.Array,
-      slots: Slots,
-      *,
-      decode: bool,
-      deterministic: bool,
-  ) -> jax.Array:
-    cfg = self.config
-    batch, length, _ = x_btd.shape
-    heads, kv_heads, head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-    q_btnh = _dense(cfg, heads * head_dim, cfg.qkv_bias, "q_proj")(x_btd).reshape(batch, length, heads, head_dim)
-    k_btkh = _dense(cfg, kv_heads * head_dim, cfg.qkv_bias, "k_proj")(x_btd).reshape(batch, length, kv_heads, head_dim)
-    v_btkh = _dense(cfg, kv_heads * head_dim, cfg.qkv_bias, "v_proj")(x_btd).reshape(batch, length, kv_heads, head_dim)
-    q_btnh = apply_rope(q_btnh, cos_bth, sin_bth)
-    k_btkh = apply_rope(k_btkh, cos_bth, sin_bth)
-    k_bskh, v_bskh = update_kv(self, k_btkh, v_btkh, slots, decode=decode)
-    out_btnh = dot_product_attention(
-        q_btnh,
-        k_bskh,
-        v_bskh,
-        mask_bts,
-        scale=head_dim**-0.5,
-        dropout=nn.Dropout(cfg.attention_dropout, deterministic=deterministic),
+  @property
+  def transformer(self) -> TransformerSpec:
+    """This config as the transformer core reads it: pre-norm, RMSNorm, gated MLP, RoPE."""
+    return TransformerSpec(
+        names=_NAMES,
+        num_layers=self.num_hidden_layers,
+        width=self.hidden_size,
+        num_heads=self.num_attention_heads,
+        num_kv_heads=self.num_key_value_heads,
+        head_dim=self.head_dim,
+        mlp_width=self.intermediate_size,
+        activation=self.hidden_act,
+        gated_mlp=True,
+        norm="rms",
+        norm_eps=self.rms_norm_eps,
+        norm_zero_centered=self.norm_zero_centered,
+        qkv_bias=self.qkv_bias,
+        o_bias=self.o_bias,
+        mlp_bias=self.mlp_bias,
+        attention_scale=self.head_dim**-0.5,
+        sliding_window=self.sliding_window,
+        rope_theta=self.rope_theta,
+        rope_scaling=self.rope_scaling,
+        attention_dropout=self.attention_dropout,
+        residual_dropout=0.0,
+        vocab_size=self.vocab_size,
+        embedding_scale=math.sqrt(self.hidden_size) if self.scale_embeddings else None,
+        tie_word_embeddings=self.tie_word_embeddings,
+        init_std=self.initializer_range,
+        dtype=self.dtype,
+        param_dtype=self.param_dtype,
+        scan=self.scan_layers,
+        remat=self.remat,
     )
-    return _dense(cfg, cfg.hidden_size, cfg.o_bias, "o_proj")(out_btnh.reshape(batch, length, heads * head_dim))
 
 
-class LlamaMLP(nn.Module):
-  """Gated MLP: ``down_proj(act(gate_proj(x)) * up_proj(x))`` (SwiGLU / GeGLU)."""
-
-  config: LlamaConfig
-
-  @nn.compact
-  def __call__(self, x_btd: jax.Array) -> jax.Array:
-    cfg = self.config
-    gate_btf = _dense(cfg, cfg.intermediate_size, cfg.mlp_bias, "gate_proj")(x_btd)
-    up_btf = _dense(cfg, cfg.intermediate_size, cfg.mlp_bias, "up_proj")(x_btd)
-    hidden_btf = activation(cfg.hidden_act)(gate_btf) * up_btf
-    return _dense(cfg, cfg.hidden_size, cfg.mlp_bias, "down_proj")(hidden_btf)
-
-
-class LlamaDecoderLayer(nn.Module):
-  """Pre-norm decoder layer: ``h += attn(norm(h)); h += mlp(norm(h))``."""
-
-  config: LlamaConfig
-  decode: bool = False
-  deterministic: bool = True
-
-  @nn.compact
-  def __call__(
-      self, h_btd: jax.Array, mask_bts: jax.Array, cos_bth: jax.Array, sin_bth: jax.Array, slots: Slots
-  ) -> tuple[jax.Array, None]:
-    cfg = self.config
-    attn = LlamaAttention(cfg, name="self_attn")
-    h_btd = h_btd + attn(
-        _rms_norm(cfg, "input_layernorm")(h_btd),
-        mask_bts,
-        cos_bth,
-        sin_bth,
-        slots,
-        decode=self.decode,
-        deterministic=self.deterministic,
-    )
-    h_btd = h_btd + LlamaMLP(cfg, name="mlp")(_rms_norm(cfg, "post_attention_layernorm")(h_btd))
-    return h_btd, None
-
-
-class LlamaModel(nn.Module):
+class LlamaModel(Decoder):
   """The decoder body (HF ``LlamaModel``): embeddings, layers and final norm; returns hidden states."""
 
   config: LlamaConfig
-
-  def setup(self):
-    cfg = self.config
-    self.embed_tokens = nn.Embed(
-        cfg.vocab_size,
-        cfg.hidden_size,
-        dtype=cfg.dtype,
-        param_dtype=cfg.param_dtype,
-        embedding_init=nn.initializers.normal(cfg.initializer_range),
-    )
-    self.norm = _rms_norm(cfg)
-
-  @nn.compact
-  def __call__(
-      self,
-      input_ids: jax.Array,
-      attention_mask: jax.Array | None = None,
-      position_ids: jax.Array | None = None,
-      segment_ids: jax.Array | None = None,
-      *,
-      decode: bool = False,
-      deterministic: bool = True,
-  ) -> jax.Array:
-    cfg = self.config
-    if segment_ids is not None:
-      if decode:
-        raise ValueError("segment_ids (packed rows) cannot be combined with decode=True.")
-      if position_ids is None:
-        raise ValueError("segment_ids (packed rows) need explicit position_ids that restart in each segment.")
-      if attention_mask is None:
-        attention_mask = (segment_ids > 0).astype(jnp.int32)
-    if attention_mask is None:
-      attention_mask = jnp.ones(input_ids.shape, jnp.int32)
-    slots = sequence_slots(self, attention_mask, decode=decode)
-    if position_ids is None:
-      position_ids = default_position_ids(slots)
-    h_btd = self.embed_tokens(input_ids)
-    if cfg.scale_embeddings:
-      h_btd = h_btd * jnp.asarray(math.sqrt(cfg.hidden_size), cfg.dtype)
-    inv_freq = inverse_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
-    cos_bth, sin_bth = rope_angles(position_ids, inv_freq, cfg.dtype)
-    mask_bts = make_attention_mask(
-        slots.key_valid_bs, slots.query_slots_t, causal=True, sliding_window=cfg.sliding_window
-    )
-    if segment_ids is not None:  # packed rows: a token sees only earlier tokens of its own example
-      mask_bts &= segment_ids[:, :, None] == segment_ids[:, None, :]
-    h_btd = apply_layers(
-        LlamaDecoderLayer,
-        h_btd,
-        mask_bts,
-        cos_bth,
-        sin_bth,
-        slots,
-        num_layers=cfg.num_hidden_layers,
-        scan=cfg.scan_layers,
-        remat=cfg.remat,
-        name="layers",
-        config=cfg,
-        decode=decode,
-        deterministic=deterministic,
-    )
-    return self.norm(h_btd)
+  partition_rules = _RULES
 
 
-class LlamaForCausalLM(nn.Module):
+class LlamaForCausalLM(CausalLM):
   """A Llama-family causal LM (HF ``*ForCausalLM``): ``apply`` maps token ids to logits.
 
   ``model.apply({"params": params}, input_ids, attention_mask=None, position_ids=None)`` returns
@@ -305,40 +204,5 @@ class LlamaForCausalLM(nn.Module):
   """
 
   config: LlamaConfig
-
-  def setup(self):
-    cfg = self.config
-    self.model = LlamaModel(cfg)
-    if not cfg.tie_word_embeddings:
-      self.lm_head = _dense(cfg, cfg.vocab_size, False, None)
-
-  def __call__(
-      self,
-      input_ids: jax.Array,
-      attention_mask: jax.Array | None = None,
-      position_ids: jax.Array | None = None,
-      segment_ids: jax.Array | None = None,
-      *,
-      decode: bool = False,
-      deterministic: bool = True,
-  ) -> jax.Array:
-    """Logits ``(B, T, vocab_size)`` of token ids ``(B, T)``.
-
-    Args:
-      input_ids: int token ids, shape ``(B, T)``.
-      attention_mask: 1 for tokens, 0 for padding, shape ``(B, T)``; None means no padding.
-      position_ids: int positions ``(B, T)``; None derives them from the mask (and cache).
-      segment_ids: for packed rows, ``(B, T)`` example ids (0 = padding): attention stays within an
-        example. Needs ``position_ids`` that restart per example; not with ``decode``.
-      decode: read and append to the KV cache (needs a ``"cache"`` collection, mutable).
-      deterministic: disable dropout; with False a ``"dropout"`` rng is needed.
-
-    Returns:
-      Logits of shape ``(B, T, vocab_size)`` in the compute dtype.
-    """
-    h_btd = self.model(
-        input_ids, attention_mask, position_ids, segment_ids, decode=decode, deterministic=deterministic
-    )
-    if self.config.tie_word_embeddings:
-      return self.model.embed_tokens.attend(h_btd)
-    return self.lm_head(h_btd)
+  body_class = LlamaModel
+  partition_rules = _RULES
