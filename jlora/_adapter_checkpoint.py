@@ -7,6 +7,7 @@ dtypes only, finite values, the base fingerprint (given a base, an adapter must 
 """
 
 import json
+import math
 import os
 import pathlib
 from collections.abc import Mapping
@@ -15,6 +16,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from jlora import _paths
 from jlora._config import LoraConfig
 from jlora._errors import JloraError
 from jlora._fingerprint import fingerprint
@@ -87,17 +89,45 @@ def load_adapter_metadata(path: str | os.PathLike, *, policy: LoadPolicy | None 
       metadata["base_fingerprint"] is None or isinstance(metadata["base_fingerprint"], str)):
     raise UnsafeAdapterError(f"{file}: lora_config and extra must be objects and base_fingerprint a string or null.")
   raw = metadata["lora_config"]
-  targets = raw.get("targets", [])
-  for rule in [targets] if isinstance(targets, str) else targets if isinstance(targets, list) else [targets]:
+  if set(raw) != set(_CONFIG_FIELDS):
+    raise UnsafeAdapterError(f"{file}: lora_config has keys {sorted(raw)}; expected {sorted(_CONFIG_FIELDS)}.")
+  for key, (valid, what) in _CONFIG_FIELDS.items():
+    if not valid(raw[key]):
+      raise UnsafeAdapterError(f"{file}: lora_config.{key}={raw[key]!r} must be {what}.")
+  targets = raw["targets"]
+  for rule in [targets] if isinstance(targets, str) else targets:
     check_regex(rule, f"{file}: lora_config.targets")
   for key in ("rank_pattern", "alpha_pattern"):
-    for rule in raw.get(key) or {}:
+    for rule in raw[key]:
       check_regex(rule, f"{file}: lora_config.{key}")
   try:
     metadata["lora_config"] = LoraConfig.from_dict(raw)
-  except (JloraError, TypeError) as e:
+  except (JloraError, TypeError, ValueError) as e:
     raise UnsafeAdapterError(f"{file}: lora_config is not a valid LoraConfig: {e}") from None
   return metadata
+
+
+def _is_rank(value: Any) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _is_number(value: Any) -> bool:
+  return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+# The stored LoraConfig (``LoraConfig.to_dict``), field by field: untrusted JSON is type-checked before use.
+_CONFIG_FIELDS = {
+    "targets": (lambda v: isinstance(v, str) or isinstance(v, list) and bool(v) and all(isinstance(t, str) for t in v),
+                "a regex or a non-empty list of regexes"),
+    "rank": (_is_rank, "a positive int"),
+    "alpha": (_is_number, "a finite number"),
+    "dropout": (lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "use_rslora": (lambda v: isinstance(v, bool), "true or false"),
+    "rank_pattern": (lambda v: isinstance(v, dict) and all(map(_is_rank, v.values())), "{regex: positive int}"),
+    "alpha_pattern": (lambda v: isinstance(v, dict) and all(map(_is_number, v.values())), "{regex: finite number}"),
+    "init": (lambda v: v in ("kaiming_uniform", "gaussian"), "'kaiming_uniform' or 'gaussian'"),
+    "dtype": (lambda v: v in ("float32", "bfloat16", "float16"), "'float32', 'bfloat16' or 'float16'"),
+}
 
 
 def _saved_tree(checkpointer: ocp.StandardCheckpointer, item: str) -> dict:
@@ -145,6 +175,32 @@ def _check_files(directory: pathlib.Path, policy: LoadPolicy) -> list[str]:
   return [f.relative_to(directory).as_posix() for f in files if f.is_file()]
 
 
+def _check_config_describes(config: LoraConfig, tree: Mapping, params: Mapping | None, lora: Any, where: str) -> None:
+  """The stored LoraConfig must describe the restored tree, or it would be returned for adapters it does not fit.
+
+  Every adapted kernel of ``tree`` (a ``lora_a`` leaf's parent, whose last axis is the rank) must be a
+  target of ``config`` with that rank. Given the caller's traced ``lora`` (and ``params``), ``config``
+  must also select exactly ``lora``'s kernels with the same ranks and scales: the norm report and the
+  caller's computation use those.
+  """
+  ranks = {_paths.join(path[:-1]): leaf.shape[-1] for path, leaf in _paths.iter_leaves(tree) if path[-1] == "lora_a"}
+  problems = [f"{kernel} is not a target" if not config.matches(kernel) else
+              f"{kernel} has rank {rank}, the config says {config.rank_for(kernel)}"
+              for kernel, rank in sorted(ranks.items())
+              if not config.matches(kernel) or config.rank_for(kernel) != rank]
+  if lora is not None and params is not None and config != lora.config:
+    selected = {_paths.join(path) for path, _ in _paths.iter_leaves(params) if config.matches(_paths.join(path))}
+    targets = lora.targets
+    if selected != set(targets):
+      problems.append(f"it selects {sorted(selected)[:8]}, the given lora adapts {sorted(targets)[:8]}")
+    problems += [f"{kernel} gets scale {config.scale_for(kernel, target.rank)!r}, the given lora's is {target.scale!r}"
+                 for kernel, target in sorted(targets.items())
+                 if kernel in selected and config.scale_for(kernel, target.rank) != target.scale]
+  if problems:
+    raise UnsafeAdapterError(f"Adapter at {where}: the LoraConfig stored in {_METADATA} does not describe the saved "
+                             f"adapters: {'; '.join(problems[:8])}.")
+
+
 def _abstract(target: Mapping, sharding: Any) -> Any:
   if sharding is not None:
     target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), target,
@@ -180,8 +236,10 @@ def load_adapters(path: str | os.PathLike, target: Mapping, *, base_fingerprint:
 
   Raises:
     UnsafeAdapterError: a pickled or oversized file, a manifest mismatch, missing/invalid metadata, a
-      base-model mismatch or (given a base) no stored fingerprint, a tree that does not match ``target``, a non-float dtype, NaN/inf values,
-      or (strict policy) outlier update norms. Norm outliers warn (``AdapterNormWarning``) otherwise.
+      base-model mismatch or (given a base) no stored fingerprint, a stored LoraConfig that does not
+      describe the saved tree (targets, ranks; given ``lora``, its targets and scales), a tree that
+      does not match ``target``, a non-float dtype, NaN/inf values, or (strict policy) outlier update
+      norms. Norm outliers warn (``AdapterNormWarning``) otherwise.
   """
   policy = policy or LoadPolicy()
   directory = pathlib.Path(os.path.abspath(os.fspath(path)))
@@ -210,8 +268,9 @@ def load_adapters(path: str | os.PathLike, target: Mapping, *, base_fingerprint:
     raise UnsafeAdapterError(f"Adapter at {os.fspath(path)!r} could not be read by orbax: {type(e).__name__}: "
                              f"{str(e)[:500]}") from e
   check_finite(adapters, f"at {os.fspath(path)!r}")
+  if lora is not None and params is None:
+    raise JloraError("load_adapters(lora=...) needs params= too: the norm report compares updates with the base.")
+  _check_config_describes(metadata["lora_config"], abstract, params, lora, repr(os.fspath(path)))
   if lora is not None:
-    if params is None:
-      raise JloraError("load_adapters(lora=...) needs params= too: the norm report compares updates with the base.")
     enforce_norms(norm_report(lora, params, adapters, policy), policy, repr(os.fspath(path)))
   return adapters, metadata["lora_config"]

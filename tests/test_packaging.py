@@ -40,6 +40,7 @@ def test_wheel_holds_only_the_jlora_package_and_its_command(tmp_path):
   assert done.returncode == 0, done.stderr
   assert "import-peft" in done.stdout and "safety checks" in done.stdout
   # ... and it was the wheel's jlora that ran (find_spec locates the package without importing it).
-  where = subprocess.run([sys.executable, "-c", "import importlib.util; print(importlib.util.find_spec('jlora').origin)"],
-                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+  locate = "import importlib.util; print(importlib.util.find_spec('jlora').origin)"
+  where = subprocess.run([sys.executable, "-c", locate], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=60)
   assert where.stdout.strip() == str(target / "jlora" / "__init__.py"), where.stderr

@@ -1,8 +1,12 @@
 """Adapter safety checks: the safetensors reader, manifests, the norm report, and the orbax load path."""
 
+import contextlib
 import io
 import json
 import pickle
+import re
+import signal
+import time
 import tracemalloc
 import warnings
 
@@ -93,6 +97,13 @@ def test_reader_accepts_a_valid_file_and_checks_keys_and_shapes(tmp_path):
 def test_reader_refuses_other_dtypes(tmp_path, dtype, raw):
   path = _write(tmp_path / "a.safetensors", {"w": (dtype, [2, 3], raw)})
   with pytest.raises(jlora.UnsafeAdapterError, match=f"dtype '{dtype}'"):
+    read_safetensors(path, POLICY)
+
+
+@pytest.mark.parametrize("dtype", [{}, {"a": 1}, ["F32"], 32, None])
+def test_reader_refuses_dtypes_that_are_not_names(tmp_path, dtype):  # found by tools.fuzz_adapters: once a TypeError
+  path = _write(tmp_path / "a.safetensors", {"w": (dtype, [2, 3], bytes(24))})
+  with pytest.raises(jlora.UnsafeAdapterError, match="is not a safetensors dtype name"):
     read_safetensors(path, POLICY)
 
 
@@ -354,3 +365,150 @@ def test_bfloat16_adapters_round_trip_through_peft_files(tmp_path, gpt2_adapter)
   loaded, loaded_config = jlora.peft.from_pretrained(tmp_path, model, params)
   assert loaded_config.dtype == jnp.bfloat16
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), loaded, bf16)
+
+
+# --- regexes that backtrack catastrophically ----------------------------------------------------------
+
+# Each pattern next to a module path it backtracks on exponentially (or with a degree-25 polynomial): with
+# 64 a's, (a+)+$ and (a|aa)+b take longer than the universe's age in Python's re; (.*a){25} tries about
+# C(70, 25) splits; the last one hangs on an ordinary module name of the test model.
+PATHOLOGICAL = {
+    "(a+)+$": "a" * 64 + ".q_proj",
+    "(a|aa)+b": "a" * 64 + ".q_proj",
+    "(.*a){25}": "a" * 64 + ".q_proj",
+    r"(\w+\.?)+!": "model.layers.0.self_attn.q_proj",
+}
+# A refusal takes milliseconds; this bound only has to survive a loaded 2-core machine.
+REFUSAL_SECONDS = 10.0
+
+
+@contextlib.contextmanager
+def _deadline(seconds: float):
+  """Raises TimeoutError in the main thread after ``seconds`` (Python's re checks for signals while matching)."""
+
+  def expire(*_):
+    raise TimeoutError(f"still running after {seconds} s")
+
+  previous = signal.signal(signal.SIGALRM, expire)
+  signal.setitimer(signal.ITIMER_REAL, seconds)
+  try:
+    yield
+  finally:
+    signal.setitimer(signal.ITIMER_REAL, 0)
+    signal.signal(signal.SIGALRM, previous)
+
+
+def test_the_patterns_really_backtrack_catastrophically():
+  for pattern, path in PATHOLOGICAL.items():
+    for match in (re.fullmatch, lambda p, s: re.match(rf"(.*\.)?({p})$", s)):  # jlora/PEFT's two matching forms
+      with pytest.raises(TimeoutError), _deadline(0.25):
+        match(pattern, path)
+
+
+def _refused_quickly(load, field: str) -> None:
+  start = time.perf_counter()
+  with pytest.raises(jlora.UnsafeAdapterError, match=f"{re.escape(field)}.*backtrack catastrophically"), \
+       _deadline(REFUSAL_SECONDS):
+    load()
+  assert time.perf_counter() - start < REFUSAL_SECONDS
+
+
+@pytest.mark.parametrize("pattern", sorted(PATHOLOGICAL))
+def test_backtracking_regexes_in_config_files_are_refused_quickly(pattern, tmp_path, gpt2_adapter, small, capsys):
+  from jlora import cli
+
+  model, params, config, adapters = gpt2_adapter
+  peft_dir = tmp_path / "peft"
+  jlora.peft.save_pretrained(peft_dir, adapters, config, model, params=params, manifest=False)
+  valid = json.loads((peft_dir / "adapter_config.json").read_text())
+  edits = {"target_modules": {"target_modules": pattern}, "exclude_modules": {"exclude_modules": pattern},
+           "rank_pattern": {"rank_pattern": {pattern: 2}}, "alpha_pattern": {"alpha_pattern": {pattern: 3}},
+           "layers_pattern": {"layers_pattern": pattern, "layers_to_transform": [0]}}
+  for field, edit in edits.items():
+    (peft_dir / "adapter_config.json").write_text(json.dumps({**valid, **edit}))
+    _refused_quickly(lambda: jlora.peft.from_pretrained(peft_dir, model, params), field)
+
+  _, small_params, lora, small_adapters = small
+  jlora_dir = tmp_path / "jlora"
+  jlora.save_adapters(jlora_dir, small_adapters, lora.config, base_fingerprint=jlora.fingerprint(small_params),
+                      manifest=False)
+  metadata = json.loads((jlora_dir / "jlora_adapter.json").read_text())
+  target = jax.eval_shape(lambda: small_adapters)
+  for field, edit in {"targets": [pattern], "rank_pattern": {pattern: 8}, "alpha_pattern": {pattern: 3.0}}.items():
+    edited = {**metadata, "lora_config": {**metadata["lora_config"], field: edit}}
+    (jlora_dir / "jlora_adapter.json").write_text(json.dumps(edited))
+    _refused_quickly(lambda: jlora.load_adapters(jlora_dir, target, params=small_params, lora=lora),
+                     f"lora_config.{field}")
+    _refused_quickly(lambda: jlora.load_adapter_metadata(jlora_dir), f"lora_config.{field}")
+
+  # The CLI's validate, on the PEFT adapter and its base saved as a Hugging Face checkpoint.
+  models.save_pretrained(tmp_path / "base", model, params)
+  (peft_dir / "adapter_config.json").write_text(json.dumps({**valid, "target_modules": pattern}))
+  start = time.perf_counter()
+  with _deadline(REFUSAL_SECONDS):
+    assert cli.main(["validate", str(peft_dir), "--base", str(tmp_path / "base")]) == 1
+  assert time.perf_counter() - start < REFUSAL_SECONDS
+  assert "target_modules" in capsys.readouterr().err
+
+
+# --- a jlora_adapter.json whose LoraConfig was edited (no manifest to catch it) -------------------------
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("rank_pattern", 2, r"lora_config.rank_pattern=2 must be \{regex: positive int\}"),  # once a TypeError
+    ("targets", 5, "must be a regex or a non-empty list of regexes"),
+    ("targets", [], "must be a regex or a non-empty list of regexes"),
+    ("alpha", "16", "must be a finite number"),
+    ("alpha", True, "must be a finite number"),
+    ("use_rslora", "yes", "must be true or false"),
+    ("dropout", 1.5, r"must be a number in \[0, 1\)"),
+    ("dtype", "float64", "must be 'float32', 'bfloat16' or 'float16'"),
+    ("alpha_pattern", {"q.*": None}, "finite number"),
+    ("rank", None, r"lora_config has keys"),  # deleted: the default rank 8 would no longer describe the tensors
+])
+def test_edited_stored_config_is_refused(tmp_path, small, field, value, message):
+  _, params, lora, adapters = small
+  jlora.save_adapters(tmp_path, adapters, lora.config, base_fingerprint=jlora.fingerprint(params), manifest=False)
+  metadata = json.loads((tmp_path / "jlora_adapter.json").read_text())
+  config = {**metadata["lora_config"], field: value}
+  if value is None and field == "rank":
+    del config["rank"]
+  (tmp_path / "jlora_adapter.json").write_text(json.dumps({**metadata, "lora_config": config}))
+  with pytest.raises(jlora.UnsafeAdapterError, match=message):
+    jlora.load_adapters(tmp_path, jax.eval_shape(lambda: adapters), params=params, lora=lora)
+
+
+def test_stored_config_must_describe_the_saved_adapters(tmp_path, small):
+  """A well-formed but edited LoraConfig: the ranks must be the tensors', and a given lora's targets and scales."""
+  _, params, lora, adapters = small
+  target = jax.eval_shape(lambda: adapters)
+  jlora.save_adapters(tmp_path, adapters, lora.config, base_fingerprint=jlora.fingerprint(params), manifest=False)
+  metadata = json.loads((tmp_path / "jlora_adapter.json").read_text())
+
+  def stored(**edit):
+    (tmp_path / "jlora_adapter.json").write_text(json.dumps({**metadata, "lora_config": {**metadata["lora_config"],
+                                                                                          **edit}}))
+
+  stored(rank=4)  # the tensors have rank 8
+  with pytest.raises(jlora.UnsafeAdapterError, match=r"q_proj/kernel has rank 8, the config says 4"):
+    jlora.load_adapters(tmp_path, target)
+  stored(targets=[r"q_proj/kernel"])
+  with pytest.raises(jlora.UnsafeAdapterError, match=r"v_proj/kernel is not a target"):
+    jlora.load_adapters(tmp_path, target)
+  stored(alpha=17.0)  # ranks still fit; only the caller's lora can tell the scale is not what it computes with
+  _, config = jlora.load_adapters(tmp_path, target)
+  assert config.alpha == 17.0
+  with pytest.raises(jlora.UnsafeAdapterError, match=r"q_proj/kernel gets scale 2.125, the given lora's is 2.0"):
+    jlora.load_adapters(tmp_path, target, params=params, lora=lora)
+  stored(targets=[r"(q|v)_proj/kernel"])  # the same kernels, written another way: fine
+  jlora.load_adapters(tmp_path, target, params=params, lora=lora)
+
+
+def test_peft_layers_pattern_must_be_regexes(tmp_path, gpt2_adapter):
+  model, params, config, adapters = gpt2_adapter
+  jlora.peft.save_pretrained(tmp_path, adapters, config, model, params=params, manifest=False)
+  valid = json.loads((tmp_path / "adapter_config.json").read_text())
+  for value in (5, {"h": 1}, [1]):
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**valid, "layers_pattern": value}))
+    with pytest.raises(jlora.UnsafeAdapterError, match="layers_pattern=.* must be a regex or a list of regexes"):
+      jlora.peft.from_pretrained(tmp_path, model, params)

@@ -64,6 +64,8 @@ def _entry(path: pathlib.Path, name: str, raw) -> TensorEntry:
     raise UnsafeAdapterError(f"{where} must have exactly 'dtype', 'shape' and 'data_offsets', got "
                              f"{sorted(raw) if isinstance(raw, dict) else type(raw).__name__}.")
   dtype, shape, offsets = raw["dtype"], raw["shape"], raw["data_offsets"]
+  if not isinstance(dtype, str):
+    raise UnsafeAdapterError(f"{where} has dtype {dtype!r}, which is not a safetensors dtype name.")
   if dtype not in ALLOWED_DTYPES:
     kind = "is not allowed in an adapter" if dtype in _KNOWN_DTYPES else "is not a safetensors dtype"
     raise UnsafeAdapterError(f"{where} has dtype {dtype!r}, which {kind} (allowed: F16, BF16, F32).")

@@ -101,6 +101,9 @@ def _check_config(raw: Any, where: pathlib.Path, model_type: str) -> dict[str, A
                                               and all(isinstance(t, str) for t in config[key])):
       raise _fail(where, f"{key}={config[key]!r} must be a regex or a list of module names.")
   patterns = config.get("layers_pattern")
+  if patterns is not None and not (isinstance(patterns, str) or isinstance(patterns, list)
+                                   and all(isinstance(p, str) for p in patterns)):
+    raise _fail(where, f"layers_pattern={patterns!r} must be a regex or a list of regexes.")
   for rule in [patterns] if isinstance(patterns, str) else patterns or []:
     check_regex(rule, f"{where / CONFIG_FILE}: layers_pattern")
   layers = config.get("layers_to_transform")
