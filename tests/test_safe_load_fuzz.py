@@ -1,10 +1,15 @@
-"""Fuzzing the PEFT load path: hundreds of damaged or hostile adapter files, every one refused.
+"""Fuzzing every adapter load path: damaged or hostile files are refused, or load exactly what was written.
 
-Each case is a PEFT adapter directory written by jlora and then mutated: truncations, bit flips in the
-safetensors header, corrupted length fields, forbidden dtypes, NaN/inf values, extra, missing and
-mis-shaped tensors, huge declared sizes, pickles and torch.save archives, random bytes, damaged
-``adapter_config.json`` files, and (with a ``SHA256SUMS`` manifest) bit flips anywhere at all. Every
-load must raise ``jlora.UnsafeAdapterError``: no other exception, no crash, no acceptance. Seeded.
+Two parts. The seeded campaign of ``tools.fuzz_adapters`` (its full run is ``python -m tools.fuzz_adapters
+--mutations 1200 --seed 0``; a fixed subset runs here) mutates a PEFT and a jlora adapter directory anywhere
+(bit flips, overwrites, truncations, insertions and deletions of bytes, JSON edits of ``adapter_config.json``,
+``jlora_adapter.json``, orbax's metadata, the safetensors header and its ``__metadata__``, and the
+``SHA256SUMS`` manifest) and loads each copy through ``jlora.peft.from_pretrained``, ``jlora.load_adapters``
+and the CLI's ``validate``: each must be refused with ``jlora.UnsafeAdapterError`` or load a result the
+campaign proves allowed (``tools/fuzz_adapters/_campaign.py`` defines "identical" and the rest). Then a
+hand-written list of hostile PEFT files (truncations, header corruption, forbidden dtypes, NaN/inf, extra,
+missing and mis-shaped tensors, huge declared sizes, pickles and torch.save archives, random bytes, damaged
+configs): every one refused, no other exception, no acceptance. Seeded.
 """
 
 import io
@@ -21,10 +26,39 @@ from test_safe_load import random_base_and_adapter
 import jlora
 import jlora.peft
 from jlora import models
+from tools import fuzz_adapters
 
 SEED = 20240611
+CAMPAIGN_MUTATIONS = 80  # the full campaign runs 1,200 and more as a script
 IDS = jnp.zeros((1, 4), jnp.int32)
 WEIGHTS, CONFIG, MANIFEST = "adapter_model.safetensors", "adapter_config.json", "SHA256SUMS"
+
+
+@pytest.fixture(scope="module")
+def subjects(tmp_path_factory):
+  return fuzz_adapters.build(tmp_path_factory.mktemp("subjects"))
+
+
+# When orbax/tensorstore fails to read a damaged checkpoint, a tensorstore callback later finds orbax's event loop
+# closed; Python reports that as an unraisable exception in a background thread. The load itself raised
+# UnsafeAdapterError, which is what the campaign checks.
+@pytest.mark.filterwarnings("ignore:(?s).*Event loop is closed:pytest.PytestUnraisableExceptionWarning")
+def test_campaign_subset(subjects, tmp_path):
+  order = fuzz_adapters.plan(CAMPAIGN_MUTATIONS, SEED)
+  results = [fuzz_adapters.run_one(subjects, index, cell, SEED, tmp_path) for index, cell in enumerate(order)]
+  failures = [r for r in results if r.failed]
+  assert not failures, "\n".join(f"#{r.index} {r.path}/{r.kind}/{r.mode} {r.mutation}: {r.outcome}: {r.detail}"
+                                  for r in failures[:20])
+  table = fuzz_adapters.summary(results)
+  assert set(table) == {"/".join(cell) for cell in fuzz_adapters.CELLS} | {"total"}, table
+  assert all(row.get("refused", 0) > 0 for row in table.values()), table  # every path and mode refuses something
+
+
+def test_flipping_any_bit_of_the_fingerprint_key_is_refused(subjects, tmp_path):
+  """Renaming the fingerprint's metadata key by one bit must not switch the base check off (no manifest)."""
+  results = fuzz_adapters.metadata_span_flips(subjects, tmp_path, within=b'"jlora_base_fingerprint"')
+  assert len(results) == 8 * len(b'"jlora_base_fingerprint"')
+  assert {r.outcome for r in results} == {"refused"}, [(r.mutation, r.outcome) for r in results if r.failed][:10]
 
 
 @pytest.fixture(scope="module")
