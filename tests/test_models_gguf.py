@@ -163,7 +163,7 @@ def sentencepiece_vocabulary() -> dict:
   for piece, count in sorted(pieces.items(), key=lambda item: (-item[1], item[0])):
     tokens.append(piece)
     types.append(1)
-    scores.append(-float(len(tokens)) + 0.5 * count)
+    scores.append(float(count // 2))  # coarse: many pieces tie, so merge order rests on the tie-breaks
   tokens += ["  ", "<think>"]  # a token of two spaces (Gemma spells those with spaces) and a user-defined one
   types += [1, 4]
   scores += [-1e4, 0.0]

@@ -14,6 +14,7 @@ interleaved RoPE, and Gemma's zero-centred norm weights are stored as ``1 + w``.
 """
 
 import dataclasses
+import functools
 import os
 import pathlib
 from collections.abc import Iterator
@@ -57,15 +58,27 @@ def is_gguf(path: str | os.PathLike) -> bool:
   return pathlib.Path(path).suffix.lower() == GGUF_SUFFIX
 
 
-def open_gguf(path: str | os.PathLike) -> gguf.GGUFReader:
-  """A ``gguf.GGUFReader`` over ``path`` (memory-mapped; nothing is dequantized yet)."""
-  path = pathlib.Path(path)
-  if not path.is_file():
-    raise CheckpointError(f"GGUF file {path} does not exist.")
+@functools.lru_cache(maxsize=2)
+def _read(path: pathlib.Path, mtime_ns: int, size: int) -> gguf.GGUFReader:
+  del mtime_ns, size  # part of the cache key only: a rewritten file is read again
   try:
     return gguf.GGUFReader(path)
   except Exception as e:  # gguf raises ValueError / struct errors of its own on a damaged file
     raise CheckpointError(f"{path} is not a readable GGUF file: {e}") from e
+
+
+def open_gguf(path: str | os.PathLike) -> gguf.GGUFReader:
+  """A ``gguf.GGUFReader`` over ``path`` (memory-mapped; nothing is dequantized yet).
+
+  Parsing the metadata of a large vocabulary takes seconds, and a model, its tokenizer and its chat
+  template are usually loaded from one file in a row, so the last two files opened stay open (the
+  cache is keyed by path, modification time and size).
+  """
+  path = pathlib.Path(path).resolve()
+  if not path.is_file():
+    raise CheckpointError(f"GGUF file {path} does not exist.")
+  stat = path.stat()
+  return _read(path, stat.st_mtime_ns, stat.st_size)
 
 
 def metadata_value(reader: gguf.GGUFReader, key: str, default: Any = None) -> Any:
