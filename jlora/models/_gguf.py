@@ -151,8 +151,10 @@ def hf_config_from_gguf(reader: gguf.GGUFReader) -> dict[str, Any]:
     raise CheckpointError(f"GGUF file {reader.data.filename} scales RoPE with a rope_freqs.weight tensor (Llama "
                           "3.1 style), which jlora.models cannot read from GGUF files; load the Hugging Face "
                           "checkpoint instead.")
-  embeddings = reader.get_tensor(_tensor_index(reader, "token_embd.weight"))
-  vocab_size = metadata_value(reader, key("vocab_size"), int(embeddings.shape[1]))
+  vocab_size = metadata_value(reader, key("vocab_size"))
+  if vocab_size is None:  # older files: the vocabulary's length, else the embedding's rows
+    tokens = reader.get_field("tokenizer.ggml.tokens")
+    vocab_size = len(tokens.data) if tokens is not None else _embedding_rows(reader)
   hf: dict[str, Any] = {
       "model_type": arch,
       "vocab_size": vocab_size,
@@ -179,11 +181,11 @@ def hf_config_from_gguf(reader: gguf.GGUFReader) -> dict[str, Any]:
   return hf
 
 
-def _tensor_index(reader: gguf.GGUFReader, name: str) -> int:
-  for index, tensor in enumerate(reader.tensors):
-    if tensor.name == name:
-      return index
-  raise CheckpointError(f"GGUF file {reader.data.filename} has no tensor {name!r}.")
+def _embedding_rows(reader: gguf.GGUFReader) -> int:
+  for tensor in reader.tensors:
+    if tensor.name == "token_embd.weight":
+      return int(tensor.shape[-1])  # GGUF lists dimensions innermost first
+  raise CheckpointError(f"GGUF file {reader.data.filename} has no vocab_size and no token_embd.weight tensor.")
 
 
 def gguf_name(hf_name: str) -> str:
