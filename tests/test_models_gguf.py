@@ -215,7 +215,12 @@ def _quantize(weight: np.ndarray, qtype: T, rng: np.random.Generator) -> tuple[n
 
 
 def write_gguf(path, arch: str, hf_model: torch.nn.Module, types: dict[str, T], vocabulary: dict) -> dict:
-  """Writes ``hf_model`` as a GGUF file like llama.cpp's converter; returns {HF name: value the file stores}."""
+  """Writes ``hf_model`` as a GGUF file like llama.cpp's converter.
+
+  Returns {HF name: the float32 value the file means in Hugging Face's layout}. Quantization is row-wise
+  (blocks along the input dimension), so it commutes with the Q/K row permutation: the meaning of a
+  permuted tensor is the round trip of the unpermuted one; Gemma's ``1 + w`` norms stay float32.
+  """
   config = hf_model.config
   writer = gguf.GGUFWriter(path, arch)
   writer.add_context_length(config.max_position_embeddings)
@@ -252,47 +257,55 @@ def write_gguf(path, arch: str, hf_model: torch.nn.Module, types: dict[str, T], 
 
   names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], config.num_hidden_layers)
   rng = np.random.default_rng(0)
-  stored = {}
+  meaning = {}
   for hf_name, param in hf_model.state_dict().items():
     if hf_name == "lm_head.weight" and config.tie_word_embeddings:
       continue
     module, suffix = hf_name.rsplit(".", 1)
     name = f"{names.get_name(module)}.{suffix}"
-    weight = param.float().numpy()
-    if arch == "llama" and ".q_proj." in hf_name:
-      weight = _permute_rows(weight, config.num_attention_heads)
-    elif arch == "llama" and ".k_proj." in hf_name:
-      weight = _permute_rows(weight, config.num_key_value_heads)
+    original = param.float().numpy()
+    qtype = types.get(name, T.F32) if original.ndim == 2 else T.F32
+    if arch == "llama" and (".q_proj." in hf_name or ".k_proj." in hf_name):
+      heads = config.num_attention_heads if ".q_proj." in hf_name else config.num_key_value_heads
+      assert qtype not in _K_SCALES, "random K-quant blocks have no unpermuted meaning"
+      data, _ = _quantize(_permute_rows(original, heads), qtype, rng)
+      _, meaning[hf_name] = _quantize(original, qtype, rng)
     elif arch == "gemma" and hf_name.endswith("norm.weight"):
-      weight = weight + 1.0
-    qtype = types.get(name, T.F32) if weight.ndim == 2 else T.F32
-    data, value = _quantize(weight, qtype, rng)
-    writer.add_tensor(name, data, raw_dtype=qtype if qtype not in (T.F32,) else None)
-    stored[hf_name] = value
+      data, meaning[hf_name] = original + np.float32(1.0), original
+    else:
+      data, meaning[hf_name] = _quantize(original, qtype, rng)
+    writer.add_tensor(name, data, raw_dtype=None if qtype == T.F32 else qtype)
   writer.write_header_to_file()
   writer.write_kv_data_to_file()
   writer.write_tensors_to_file()
   writer.close()
-  return stored
+  return meaning
 
 
 # Tensor types per file: every type gguf quantizes, and K-quants on the 256-wide down projections.
+# "reference": transformers' GGUF loader, or the source model holding the file's values where that loader
+# does not read the file (gemma) or would drop tensors silently (llama's attention and MLP biases).
 TINY = {
     "llama": dict(
-        overrides=dict(attention_bias=False, mlp_bias=False, intermediate_size=256),
+        arch="llama", reference="gguf", overrides=dict(attention_bias=False, mlp_bias=False, intermediate_size=256),
         vocabulary=sentencepiece_vocabulary,
         types={"token_embd.weight": T.Q8_0, "output.weight": T.Q5_1,
                "blk.0.attn_q.weight": T.Q4_0, "blk.0.attn_k.weight": T.Q4_1, "blk.0.attn_v.weight": T.Q5_0,
                "blk.0.attn_output.weight": T.Q5_1, "blk.0.ffn_gate.weight": T.F16, "blk.0.ffn_up.weight": T.BF16,
                "blk.0.ffn_down.weight": T.Q6_K, "blk.1.attn_q.weight": T.Q8_0, "blk.1.attn_k.weight": T.F16,
                "blk.1.attn_v.weight": T.BF16, "blk.1.ffn_down.weight": T.Q4_K}),
+    "llama_biases": dict(
+        arch="llama", reference="source", overrides=dict(intermediate_size=256, num_key_value_heads=1),
+        vocabulary=sentencepiece_vocabulary,
+        types={"blk.0.attn_q.weight": T.Q4_0, "blk.0.attn_k.weight": T.Q5_1, "blk.1.attn_q.weight": T.BF16,
+               "blk.1.ffn_down.weight": T.Q5_K}),
     "qwen2": dict(
-        overrides=dict(intermediate_size=256, num_key_value_heads=1, tie_word_embeddings=True),
+        arch="qwen2", reference="gguf", overrides=dict(intermediate_size=256, num_key_value_heads=1, tie_word_embeddings=True),
         vocabulary=byte_level_vocabulary,
         types={"token_embd.weight": T.Q4_1, "blk.0.attn_q.weight": T.Q5_0, "blk.0.attn_k.weight": T.Q8_0,
                "blk.0.ffn_down.weight": T.Q5_K, "blk.1.ffn_down.weight": T.Q3_K, "blk.1.ffn_up.weight": T.Q4_0}),
     "gemma": dict(
-        overrides=dict(intermediate_size=256),
+        arch="gemma", reference="source", overrides=dict(intermediate_size=256),
         vocabulary=sentencepiece_vocabulary,
         types={"token_embd.weight": T.Q8_0, "blk.0.attn_q.weight": T.Q4_1, "blk.0.attn_output.weight": T.Q5_1,
                "blk.0.ffn_down.weight": T.Q2_K, "blk.1.ffn_down.weight": T.Q6_K, "blk.1.ffn_gate.weight": T.BF16}),
@@ -301,38 +314,35 @@ TINY = {
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-  """arch -> (GGUF path, transformers reference model); each file written once."""
+  """case -> (GGUF path, transformers reference model, vocabulary); each file written once."""
   cache = {}
 
-  def get(arch: str):
-    if arch not in cache:
-      spec = TINY[arch]
+  def get(case: str):
+    if case not in cache:
+      spec = TINY[case]
       vocabulary = spec["vocabulary"]()
-      hf_model = tiny_hf_model(arch, vocab_size=len(vocabulary["tokens"]), **spec["overrides"])
-      path = tmp_path_factory.mktemp(f"gguf_{arch}") / f"tiny-{arch}.gguf"
-      stored = write_gguf(path, arch, hf_model, spec["types"], vocabulary)
-      if arch == "gemma":  # transformers does not read gemma GGUF files: the source model with the file's values
-        hf_model.load_state_dict({name: torch.from_numpy(value) for name, value in stored.items()}, strict=False)
-        hf_model.model.norm.weight.data -= 1.0  # stored as 1 + w, which the reference must not see
-        for layer in hf_model.model.layers:
-          layer.input_layernorm.weight.data -= 1.0
-          layer.post_attention_layernorm.weight.data -= 1.0
+      hf_model = tiny_hf_model(spec["arch"], vocab_size=len(vocabulary["tokens"]), **spec["overrides"])
+      path = tmp_path_factory.mktemp(f"gguf_{case}") / f"tiny-{case}.gguf"
+      meaning = write_gguf(path, spec["arch"], hf_model, spec["types"], vocabulary)
+      if spec["reference"] == "source":  # tied heads are absent from `meaning` and follow the embedding
+        hf_model.load_state_dict({name: torch.from_numpy(value) for name, value in meaning.items()}, strict=False)
         reference = hf_model
       else:
         reference = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
                                                                       dtype=torch.float32).eval()
-      cache[arch] = path, reference, vocabulary
-    return cache[arch]
+      cache[case] = path, reference, vocabulary
+    return cache[case]
 
   return get
 
 
-@pytest.mark.parametrize("arch", sorted(TINY))
-def test_tiny_gguf_logits_match_transformers(arch, tiny):
-  path, reference, vocabulary = tiny(arch)
+@pytest.mark.parametrize("case", sorted(TINY))
+def test_tiny_gguf_logits_match_transformers(case, tiny):
+  path, reference, vocabulary = tiny(case)
   model, params = models.from_pretrained(path)
-  assert model.config.model_type == arch
-  assert model.config.tie_word_embeddings == (arch != "llama")
+  assert model.config.model_type == TINY[case]["arch"]
+  assert model.config.tie_word_embeddings == (TINY[case]["arch"] != "llama")
+  assert model.config.qkv_bias == (case in ("llama_biases", "qwen2"))
   rng = np.random.default_rng(1)
   ids = rng.integers(3, len(vocabulary["tokens"]), (2, 9)).astype(np.int32)
   mask = np.ones_like(ids)
