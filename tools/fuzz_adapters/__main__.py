@@ -53,6 +53,8 @@ def subprocess_checks(subjects, results, count: int, seed: int, scratch: pathlib
 def _print_table(title: str, table: dict[str, dict[str, int]]) -> None:
   outcomes = sorted({o for row in table.values() for o in row})
   print(f"\n{title}")
+  if not table:
+    return
   width = max(len(row) for row in table) + 2
   print(" " * width + "".join(f"{o:>18}" for o in outcomes) + f"{'all':>8}")
   for row, counts in sorted(table.items(), key=lambda item: (item[0] == "total", item[0])):
