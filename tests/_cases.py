@@ -6,6 +6,7 @@ convolution loops), sharing no code with jlora.
 
 import dataclasses
 from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -124,11 +125,16 @@ def _ref_conv(p, a, s, x):
 
 
 class TiedEmbed(nn.Module):
-  """Embedding lookup followed by the tied output projection (``attend``)."""
+  """Embedding lookup followed by the tied output projection (``attend``).
+
+  ``dtype`` is nn.Embed's compute dtype: None computes in the table's dtype (bfloat16 for a bf16 table).
+  """
+
+  dtype: Any = None
 
   @nn.compact
   def __call__(self, ids):
-    embed = nn.Embed(10, 6, name="embed")
+    embed = nn.Embed(10, 6, dtype=self.dtype, name="embed")
     return embed.attend(jnp.tanh(embed(ids)))
 
 
@@ -200,3 +206,72 @@ CASES = [
     Case("scan_remat", ScannedStack(), (_rand((2, 4), 6),), r".*/kernel", _ref_scanned),
     Case("vmap", Ensemble(), (_rand((3, 2, 4), 7),), r"members/kernel", _ref_ensemble),
 ]
+
+
+# --- every module kind inside the lifted transforms -----------------------------------------------------
+
+LIFTED = 2  # layers of the scan, members of the vmap
+
+
+class _ScanLayer(nn.Module):
+  inner: type  # a one-module case model, built afresh in every layer
+
+  @nn.compact
+  def __call__(self, carry, x):
+    return carry, self.inner(name="inner")(x)
+
+
+class _VmapMember(nn.Module):
+  inner: type
+
+  @nn.compact
+  def __call__(self, x):
+    return self.inner(name="inner")(x)
+
+
+class Lifted(nn.Module):
+  """A case model stacked two ways: layers of ``nn.scan(nn.remat(...))`` (the first input broadcast to every
+  layer) and members of ``nn.vmap`` (one input each); returns both outputs, each with a leading stack axis."""
+
+  inner: type
+
+  @nn.compact
+  def __call__(self, x_members):
+    scan = nn.scan(nn.remat(_ScanLayer), variable_axes={"params": 0}, split_rngs={"params": True},
+                   in_axes=nn.broadcast, length=LIFTED)
+    _, per_layer = scan(self.inner, name="layers")(None, x_members[0])
+    vmap = nn.vmap(_VmapMember, variable_axes={"params": 0}, split_rngs={"params": True}, in_axes=0, out_axes=0,
+                   axis_size=LIFTED)
+    return per_layer, vmap(self.inner, name="members")(x_members)
+
+
+def _lifted(case: Case) -> Case:
+  def layer(tree, i):
+    return jax.tree.map(lambda v: v[i], tree)
+
+  def reference(p, a, s, x_members):
+    per_layer = [case.reference(layer(p["layers"]["inner"], i), layer(a["layers"]["inner"], i), s, x_members[0])
+                 for i in range(LIFTED)]
+    per_member = [case.reference(layer(p["members"]["inner"], i), layer(a["members"]["inner"], i), s, x_members[i])
+                  for i in range(LIFTED)]
+    return np.stack(per_layer), np.stack(per_member)
+
+  (x,) = case.inputs
+  return Case(f"{case.name}_lifted", Lifted(type(case.model)), (np.stack([x, x[::-1]]),), ".*/" + case.targets,
+              reference)
+
+
+# Every module kind of CASES (not only Dense) inside nn.scan, nn.remat and nn.vmap.
+LIFTED_CASES = [_lifted(c) for c in CASES if c.name not in ("scan_remat", "vmap")]
+
+
+def assert_tolerance_rejects(want, wrong: dict, *, rtol: float, atol: float) -> None:
+  """Each named wrong answer in ``wrong`` fails ``assert_allclose(wrong, want, rtol, atol)``.
+
+  A test that runs this beside its real comparison shows that its tolerance tells right from those wrongs.
+  """
+  want = np.asarray(want, np.float64)
+  for name, value in wrong.items():
+    distance = np.abs(np.asarray(value, np.float64) - want)
+    excess = np.where(np.isnan(distance), np.inf, distance) - (atol + rtol * np.abs(want))
+    assert excess.max() > 0, f"{name} passes rtol={rtol}, atol={atol}: the tolerance cannot tell it from right"

@@ -4,10 +4,12 @@ import dataclasses
 import functools
 
 import chex
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _cases import assert_tolerance_rejects
 from test_models_references import (
   assert_close_on_tokens,
   left_padded_batch,
@@ -18,6 +20,7 @@ from test_models_references import (
 )
 
 from jlora import models
+from jlora.models._norms import RMSNorm
 
 LLAMA_FAMILY = ("llama", "llama3_rope", "mistral", "qwen2", "gemma")
 
@@ -75,16 +78,37 @@ def _flat_paths(tree, prefix=()):
       yield prefix + (key,)
 
 
+def _norm_statistics_in_bf16(next_fun, args, kwargs, context):
+  """A wrong bf16 model: RMSNorm's mean square and rsqrt taken in bf16 instead of float32 (Gemma's 1 + w)."""
+  if not (isinstance(context.module, RMSNorm) and context.method_name == "__call__"):
+    return next_fun(*args, **kwargs)
+  norm, x = context.module, args[0].astype(jnp.bfloat16)
+  assert norm.zero_centered
+  scale = norm.get_variable("params", "scale").astype(jnp.bfloat16).reshape((1,) * (x.ndim - 1) + (-1,))
+  normed = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + jnp.bfloat16(norm.epsilon))
+  return (normed * (1 + scale)).astype(norm.dtype)
+
+
 def test_bf16_compute_stays_close_to_fp32(tmp_path):
   directory = save_hf(tiny_hf_model("gemma"), tmp_path)
   model32, params32 = models.from_pretrained(directory)
   model16, params16 = models.from_pretrained(directory, dtype=jnp.bfloat16)
   assert params16["model"]["embed_tokens"]["embedding"].dtype == jnp.float32  # param dtype is separate
   ids, mask = left_padded_batch()
-  logits32 = jax.jit(model32.apply)({"params": params32}, ids, mask)
+  logits32 = np.asarray(jax.jit(model32.apply)({"params": params32}, ids, mask))
   logits16 = jax.jit(model16.apply)({"params": params16}, ids, mask)
   assert logits16.dtype == jnp.bfloat16
-  assert_close_on_tokens(logits16, np.asarray(logits32), mask, atol=0.1)
+  # One bf16 step at the logits' magnitude (|logits| < 4: steps of 2^-6): bf16 activations with float32 norm
+  # statistics and softmax land within it (measured: 0.0095); the same model with its norm statistics in bf16
+  # lands outside (0.023), which the test checks.
+  keep = mask.astype(bool)
+  assert np.abs(logits32[keep]).max() < 4
+  atol = 2.0**-6
+  assert_close_on_tokens(logits16, logits32, mask, atol=atol)
+  with nn.intercept_methods(_norm_statistics_in_bf16):  # a new function: traced afresh, under the interceptor
+    wrong = jax.jit(lambda p: model16.apply({"params": p}, ids, mask))(params16)
+  assert_tolerance_rejects(logits32[keep], {"norm statistics in bf16": np.asarray(wrong, np.float32)[keep]},
+                           rtol=0, atol=atol)
 
 
 def test_remat_policies_keep_values_and_gradients(tmp_path):

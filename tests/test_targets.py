@@ -197,11 +197,22 @@ class TestAdapterTreeChecks:
 
   def test_merge_needs_a_trace(self):
     model, x, params, lora, adapters = self._setup()
+    rng = np.random.default_rng(0)  # non-zero B: merging nothing, or the wrong thing, must not pass
+    adapters = jax.tree.map(lambda v: (0.5 * rng.normal(size=v.shape)).astype(v.dtype), adapters)
     fresh = jlora.Lora(model, lora.config)
     with pytest.raises(jlora.JloraError, match="lora.trace"):
       fresh.merge(params, adapters)
     fresh.trace(params, x)
     merged = fresh.merge(params, adapters)
+    scale = lora.config.alpha / lora.config.rank  # 8: a dropped scale shows
+    for owner in (("layers", "fc"), ("head",)):
+      p, m, a = params, merged, adapters
+      for key in owner:
+        p, m, a = p[key], m[key], a[key]
+      a, b = np.asarray(a["kernel"]["lora_a"], np.float64), np.asarray(a["kernel"]["lora_b"], np.float64)
+      want = np.asarray(p["kernel"], np.float64) + scale * np.einsum("...ir,...ro->...io", a, b)
+      np.testing.assert_allclose(m["kernel"], want, rtol=1e-6, atol=1e-6)
+      assert m["bias"] is p["bias"]
     np.testing.assert_allclose(model.apply({"params": merged}, x), lora.apply(params, adapters, x), atol=1e-6)
 
 
