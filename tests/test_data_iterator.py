@@ -136,9 +136,16 @@ def test_same_seed_same_order_other_seed_other_order(source, tokenizer):
   _assert_batches_equal(_take(_lm(source, tokenizer, seed=3), 6), first)
   other = _take(_lm(source, tokenizer, seed=4), 6)
   assert not all(np.array_equal(a["inputs"], b["inputs"]) for a, b in zip(first, other))
-  # Each epoch has its own order.
-  epoch_orders = [np.random.default_rng([3, e]).permutation(N).tolist() for e in range(2)]
-  assert epoch_orders[0] != epoch_orders[1]
+  # Each epoch has its own order, as the iterator delivers it: a permutation of all N, another every epoch and
+  # for every seed, numpy's permutation for (seed, epoch).
+  orders = {}
+  for seed in (3, 4):
+    seen = [i for batch in _lm(source, tokenizer, seed=seed, num_epochs=2) for i in _example_ids(batch, tokenizer)]
+    orders[seed] = [seen[:N], seen[N:]]
+    assert len(seen) == 2 * N and all(sorted(order) == list(range(N)) for order in orders[seed])
+    assert orders[seed] == [np.random.default_rng([seed, e]).permutation(N).tolist() for e in range(2)]
+  assert len({tuple(order) for pair in orders.values() for order in pair}) == 4
+  assert orders[3][0] != list(range(N))  # shuffled
 
 
 def test_every_epoch_visits_every_example_once(source, tokenizer):

@@ -180,6 +180,17 @@ def test_tree_shardings_like_replicates_leaves_the_spec_does_not_fit():
 CONFIG = models.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                             num_attention_heads=4, num_key_value_heads=2)
 MESHES = {"1x1": (1, 1, 1), "8x1_data": (8, 1, 1), "2x4_fsdp_tensor": (1, 2, 4), "1x8_tensor": (1, 1, 8)}
+# mesh -> the shape of every device's block: q_proj A (layers, hidden 32, r 4) and B (layers, r, 4 heads x 8),
+# down_proj A (layers, intermediate 64, r) and B (layers, r, hidden 32), and the (8, 8) batch of token ids.
+SHARD_SHAPES = {
+    "1x1": {"q_a": {(2, 32, 4)}, "q_b": {(2, 4, 32)}, "down_a": {(2, 64, 4)}, "down_b": {(2, 4, 32)}, "ids": {(8, 8)}},
+    "8x1_data": {"q_a": {(2, 32, 4)}, "q_b": {(2, 4, 32)}, "down_a": {(2, 64, 4)}, "down_b": {(2, 4, 32)},
+                 "ids": {(1, 8)}},
+    "2x4_fsdp_tensor": {"q_a": {(2, 16, 4)}, "q_b": {(2, 4, 8)}, "down_a": {(2, 16, 4)}, "down_b": {(2, 4, 16)},
+                        "ids": {(4, 8)}},
+    "1x8_tensor": {"q_a": {(2, 32, 4)}, "q_b": {(2, 4, 4)}, "down_a": {(2, 8, 4)}, "down_b": {(2, 4, 32)},
+                   "ids": {(8, 8)}},
+}
 
 
 @pytest.fixture(scope="module")
@@ -251,10 +262,16 @@ def test_sharded_train_step_equals_single_device(llama_run, mesh_name):
   assert jax.tree.map(lambda v: v.sharding, state["trainable"]) == sharding.named(trainable_specs, mesh)
   q_a = state["trainable"]["lora"]["model"]["layers"]["self_attn"]["q_proj"]["kernel"]["lora_a"]
   assert q_a.sharding.spec == P(None, "fsdp", None)
-  if fsdp * tensor > 1:  # the adapters really are split, not replicated
-    assert q_a.addressable_shards[0].data.shape[1] == q_a.shape[1] // fsdp
-    down_b = state["trainable"]["lora"]["model"]["layers"]["mlp"]["down_proj"]["kernel"]["lora_b"]
-    assert down_b.addressable_shards[0].data.shape[-1] == down_b.shape[-1] // fsdp
+  # Each device holds the block the mesh gives it, written out per mesh: an axis of size > 1 really splits
+  # (fsdp: A of q (input axis) and B of down_proj (output axis); tensor: B of q and A of down_proj), and data
+  # parallelism splits the batch but never an adapter.
+  layers = state["trainable"]["lora"]["model"]["layers"]
+  got = {name: {shard.data.shape for shard in leaf.addressable_shards} for name, leaf in {
+      "q_a": q_a, "q_b": layers["self_attn"]["q_proj"]["kernel"]["lora_b"],
+      "down_a": layers["mlp"]["down_proj"]["kernel"]["lora_a"],
+      "down_b": layers["mlp"]["down_proj"]["kernel"]["lora_b"], "ids": jax.device_put(batch, batch_shardings)["ids"],
+  }.items()}
+  assert got == SHARD_SHAPES[mesh_name]
   assert np.isfinite(float(loss))
   assert not np.allclose(state["trainable"]["lora"]["model"]["layers"]["self_attn"]["v_proj"]["kernel"]["lora_a"],
                          adapters["model"]["layers"]["self_attn"]["v_proj"]["kernel"]["lora_a"])

@@ -31,7 +31,7 @@ CONFIGS = {
 
 
 def _save(directory, config, dtype=np.float32, files=1):
-  """A checkpoint of random weights (no compile: shapes from eval_shape, values from numpy)."""
+  """A checkpoint of random weights (no compile: shapes from eval_shape, values from numpy): (model, params)."""
   model = models.model_for_config(config)
   shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32)))["params"]
   rng = np.random.default_rng(0)
@@ -46,7 +46,14 @@ def _save(directory, config, dtype=np.float32, files=1):
       safetensors.numpy.save_file({n: tensors[n] for n in chunk}, directory / file, metadata={"format": "pt"})
       weight_map.update({n: file for n in chunk})
     (directory / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
-  return model
+  return model, params
+
+
+def _assert_loaded(loaded, saved):
+  """Every loaded param is bit for bit the array that was saved."""
+  assert jax.tree.structure(loaded) == jax.tree.structure(saved)
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(loaded), jax.tree.leaves(saved)):
+    np.testing.assert_array_equal(np.asarray(a), b, err_msg=jax.tree_util.keystr(path))
 
 
 @pytest.fixture
@@ -72,12 +79,13 @@ def record_reads(monkeypatch):
                                          ("bert_unrolled", 1)])
 def test_loads_into_rule_shardings_reading_only_blocks(tmp_path, name, files, record_reads):
   config = CONFIGS[name]
-  _save(tmp_path, config, files=files)
+  _, saved = _save(tmp_path, config, files=files)
   mesh = sharding.make_mesh({"data": 1, "fsdp": 2, "tensor": 4})
   model, params = models.from_pretrained(tmp_path, mesh=mesh)
   specs = sharding.param_specs(params, sharding.rules_for(model), mesh)
   assert jax.tree.map(lambda x: x.sharding, params) == sharding.named(specs, mesh)
   reads = dict(record_reads)
+  _assert_loaded(params, saved)  # the blocks read are the right blocks, from whichever file holds each tensor
 
   # Every tensor is read in exactly as many blocks as its param has distinct shards, each 1/n of it.
   flat_specs = traverse_util.flatten_dict(specs, sep="/")
@@ -95,30 +103,29 @@ def test_loads_into_rule_shardings_reading_only_blocks(tmp_path, name, files, re
 
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_sharded_values_equal_unsharded_loading(tmp_path, name):
-  _save(tmp_path, CONFIGS[name])
+  _, saved = _save(tmp_path, CONFIGS[name])
   mesh = sharding.make_mesh({"data": 1, "fsdp": 2, "tensor": 4})
   _, sharded = models.from_pretrained(tmp_path, mesh=mesh)
   _, whole = models.from_pretrained(tmp_path)
-  assert jax.tree.structure(sharded) == jax.tree.structure(whole)
-  for a, b in zip(jax.tree.leaves(sharded), jax.tree.leaves(whole)):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  _assert_loaded(sharded, saved)
+  _assert_loaded(whole, saved)
 
 
 def test_bf16_checkpoint_into_float32_shards(tmp_path):
   config = dataclasses.replace(CONFIGS["llama_scan"], qkv_bias=False, o_bias=False)
-  _save(tmp_path, config, dtype=ml_dtypes.bfloat16)
+  _, saved = _save(tmp_path, config, dtype=ml_dtypes.bfloat16)
   mesh = sharding.make_mesh({"fsdp": 8, "tensor": 1})
   _, sharded = models.from_pretrained(tmp_path, mesh=mesh, param_dtype=jnp.float32)
   _, whole = models.from_pretrained(tmp_path, param_dtype=jnp.float32)
   kernel = sharded["model"]["layers"]["mlp"]["down_proj"]["kernel"]
   assert kernel.dtype == jnp.float32 and kernel.sharding.spec == P(None, "tensor", "fsdp")
   assert kernel.addressable_shards[0].data.shape == (2, 64, 4)
-  for a, b in zip(jax.tree.leaves(sharded), jax.tree.leaves(whole)):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  _assert_loaded(sharded, saved)  # bf16 values, exactly, in float32
+  _assert_loaded(whole, saved)
 
 
 def test_custom_rules_and_errors(tmp_path):
-  _save(tmp_path, CONFIGS["llama_scan"])
+  _, saved = _save(tmp_path, CONFIGS["llama_scan"])
   mesh = sharding.make_mesh({"fsdp": 2, "tensor": 4})
   model = models.LlamaForCausalLM(CONFIGS["llama_scan"])
   rules = sharding.rules_from_config([(".*/q_proj/kernel", (None, None, ("fsdp", "tensor")))],
@@ -127,6 +134,7 @@ def test_custom_rules_and_errors(tmp_path):
   q = params["model"]["layers"]["self_attn"]["q_proj"]["kernel"]
   assert q.sharding == NamedSharding(mesh, P(None, None, ("fsdp", "tensor")))
   assert q.addressable_shards[0].data.shape == (2, 32, 4)
+  _assert_loaded(params, saved)
   with pytest.raises(models.CheckpointError, match="rules but no mesh"):
     models.from_pretrained(tmp_path, rules=rules)
   with pytest.raises(JloraError, match=r"param 'model/layers/self_attn/k_proj/kernel'.*tensor=4 x fsdp=2 \(8 parts\) "
