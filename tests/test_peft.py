@@ -251,3 +251,23 @@ def test_import_checks_the_stored_base_fingerprint(bases, tmp_path):
     jlora.peft.from_pretrained(tmp_path, model, other)
   fp = jlora.peft.base_fingerprint(model, params)
   jlora.peft.from_pretrained(tmp_path, model, params, expected_fingerprint=fp)
+
+
+def test_base_fingerprint_ignores_float32_or_bfloat16_params(bases, tmp_path):
+  """README: the stored fingerprint is independent of float32/bfloat16 params (and of scan_layers)."""
+  model, params = bases("llama", True)
+  fp = jlora.peft.base_fingerprint(model, params)
+  as_bf16 = jax.tree.map(lambda x: x.astype(jax.numpy.bfloat16), params)
+  assert jlora.peft.base_fingerprint(model, as_bf16) == fp
+  unrolled, unrolled_params = bases("llama", False)
+  unrolled_bf16 = jax.tree.map(lambda x: x.astype(jax.numpy.bfloat16), unrolled_params)
+  assert jlora.peft.base_fingerprint(unrolled, unrolled_bf16) == fp
+  # Loaded in bfloat16 from the float32 checkpoint, as a user serving the base in bf16 would.
+  directory = save_hf(tiny_hf_model("llama"), tmp_path / "base")
+  bf16_model, loaded = models.from_pretrained(directory, param_dtype=jax.numpy.bfloat16)
+  assert loaded["model"]["embed_tokens"]["embedding"].dtype == jax.numpy.bfloat16
+  assert jlora.peft.base_fingerprint(bf16_model, loaded) == fp
+  # Not blind to values: one weight moved by more than bf16's resolution changes it.
+  moved = jax.tree.map(lambda x: x, params)
+  moved["model"]["norm"]["scale"] = params["model"]["norm"]["scale"] * 1.05
+  assert jlora.peft.base_fingerprint(model, moved) != fp
