@@ -13,6 +13,7 @@ Public API (everything else is private):
 * ``UnsafeAdapterError``, ``AdapterNormWarning``, ``LoadPolicy``: the safety checks every adapter load path applies
   (never pickle; size caps; float dtypes; exact keys/shapes; finite; fingerprint; SHA256SUMS manifest).
 * ``norm_report``, ``NormReport``, ``NormRow``: per-module ``||s A@B|| / ||W||`` with robust outlier flags.
+* ``combine``: several adapters of one base as one (PEFT's ``add_weighted_adapter``: linear, cat, svd, TIES, DARE).
 * ``write_manifest``, ``verify_manifest``, ``adapter_shapes``: manifests and a saved adapter's shapes.
 * ``jlora.peft``: Hugging Face PEFT export/import and merged checkpoints for ``jlora.models``.
 * ``jlora.sharding``: meshes, partition rules, adapter shardings derived from the base.
@@ -21,6 +22,7 @@ Public API (everything else is private):
 
 from jlora import sharding  # noqa: E402  (after the names it imports)
 from jlora._adapter_checkpoint import adapter_shapes, load_adapter_metadata, load_adapters, save_adapters
+from jlora._combine import combine
 from jlora._config import LoraConfig
 from jlora._errors import JloraError
 from jlora._fingerprint import fingerprint
@@ -49,6 +51,7 @@ __all__ = [
     "NormRow",
     "UnsafeAdapterError",
     "adapter_shapes",
+    "combine",
     "norm_report",
     "verify_manifest",
     "write_manifest",
