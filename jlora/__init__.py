@@ -17,10 +17,11 @@ Public API (everything else is private):
 * ``write_manifest``, ``verify_manifest``, ``adapter_shapes``: manifests and a saved adapter's shapes.
 * ``jlora.peft``: Hugging Face PEFT export/import and merged checkpoints for ``jlora.models``.
 * ``jlora.sharding``: meshes, partition rules, adapter shardings derived from the base.
+* ``jlora.quant``: QLoRA's quantized frozen base (NF4/FP4/int8 blocks, bitsandbytes' layout).
 * ``jlora.nnx``: the same for ``flax.nnx`` models (model surgery).
 """
 
-from jlora import sharding  # noqa: E402  (after the names it imports)
+from jlora import quant, sharding  # noqa: E402  (after the names it imports)
 from jlora._adapter_checkpoint import adapter_shapes, load_adapter_metadata, load_adapters, save_adapters
 from jlora._combine import combine
 from jlora._config import LoraConfig
@@ -69,6 +70,7 @@ __all__ = [
     "load_adapter_metadata",
     "load_adapters",
     "lora_plus",
+    "quant",
     "save_adapters",
     "sharding",
 ]

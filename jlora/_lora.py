@@ -17,6 +17,8 @@ from jlora._linen_bindings import binding_for
 from jlora._summary import Summary, summarize
 from jlora._targets import Target, find_targets
 from jlora._variant import LORA, Variant
+from jlora.quant._call import module_call
+from jlora.quant._tree import logical_shapes
 
 # An adapter rides beside the parameter it adapts, inside the params collection, under this prefix.
 # That way nn.scan / nn.vmap / nn.remat slice and broadcast it exactly like the kernel itself, and
@@ -71,7 +73,7 @@ class Lora:
     Returns:
       ``{kernel path: Target}`` in params order.
     """
-    self._targets = find_targets(self.model, self.config, params, args, kwargs)
+    self._targets = find_targets(self.model, self.config, logical_shapes(params), args, kwargs)
     return self._targets
 
   @property
@@ -171,11 +173,13 @@ class Lora:
   def _interceptor(self, lora_dropout, next_fun, args, kwargs, context):
     module = context.module
     binding = binding_for(module)
+    # A quantized kernel is dequantized inside this call (jlora.quant); otherwise this is next_fun.
+    base = module_call(module, context.method_name, binding, next_fun)
     if binding is None or context.method_name not in binding.methods:
-      return next_fun(*args, **kwargs)
+      return base(*args, **kwargs)
     slot = SLOT_PREFIX + binding.param
     if not module.has_variable("params", slot):
-      return next_fun(*args, **kwargs)
+      return base(*args, **kwargs)
     adapter = module.get_variable("params", slot)
     path = "/".join(module.path + (binding.param,))
     kernel = module.get_variable("params", binding.param)
@@ -183,7 +187,7 @@ class Lora:
     rank = self.config.rank_for(path)
     target = Target(path, type(module).__name__, binding.kind, layout, (), rank, self.config.scale_for(path, rank))
     self._check_adapter(target, adapter, "inside the model")
-    base_out = next_fun(*args, **kwargs)
+    base_out = base(*args, **kwargs)
     dropout = self._dropout(module, lora_dropout, path)
 
     def low_rank(a, b):

@@ -11,6 +11,7 @@ from jlora._config import LoraConfig
 from jlora._lora import Lora
 from jlora._safety import check_finite, write_manifest
 from jlora.models._checkpoint import save_pretrained as save_checkpoint
+from jlora.quant import dequantize
 
 
 def save_merged(path: str | os.PathLike, model, params: Mapping, adapters: Mapping, config: LoraConfig,
@@ -24,7 +25,7 @@ def save_merged(path: str | os.PathLike, model, params: Mapping, adapters: Mappi
   Args:
     path: the output directory (must not hold other weights).
     model: the ``jlora.models`` module of the base.
-    params: the base params.
+    params: the base params (quantized kernels, ``jlora.quant``, are dequantized first).
     adapters: the adapter tree.
     config: its LoraConfig.
     *example_inputs: inputs for tracing ``model`` (default: one token).
@@ -35,6 +36,7 @@ def save_merged(path: str | os.PathLike, model, params: Mapping, adapters: Mappi
     UnsafeAdapterError: NaN/inf in the adapters or in the merged params.
   """
   check_finite(adapters, "to merge")
+  params = dequantize(params)  # a quantized base is written as float kernels of its original dtype
   lora = Lora(model, config)
   lora.trace(params, *(example_inputs or (jnp.zeros((1, 1), jnp.int32),)))
   merged = jax.jit(lora.merge)(params, adapters)  # one compilation for every kernel

@@ -9,6 +9,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from jlora import quant
 from jlora._errors import JloraError
 from jlora.sharding._rules import compile_rules
 
@@ -95,12 +96,17 @@ def param_specs(params: Any, rules: Iterable[tuple[str, Any]], mesh: Mesh) -> An
         problem = spec_problem(spec, shape, mesh)
         if problem:
           problems.append(f"param '{path}' (rule {regex.pattern!r}): {problem}")
+        elif quant.is_quantized(leaf):  # a spec per codes/statistics leaf, split like the float kernel
+          try:
+            return quant.partition_specs(leaf, spec, mesh)
+          except JloraError as e:
+            problems.append(f"param '{path}' (rule {regex.pattern!r}): {str(e).rstrip('.')}")
         return spec
     problems.append(f"no rule covers param '{path}' (shape {shape}); add a (regex, PartitionSpec) rule for it, "
                     "e.g. (regex, P()) to replicate it")
     return P()
 
-  specs = jax.tree_util.tree_map_with_path(spec_for, params)
+  specs = jax.tree_util.tree_map_with_path(spec_for, params, is_leaf=quant.is_quantized)
   if problems:
     more = f" (and {len(problems) - _MAX_LISTED} more)" if len(problems) > _MAX_LISTED else ""
     raise JloraError(f"Cannot shard {len(problems)} parameter(s) over mesh {dict(mesh.shape)}{more}: "
@@ -150,6 +156,6 @@ def _host_view_if_cpu(x: Any) -> Any:
 
 
 def specs_by_path(specs: Any) -> Mapping[tuple[str, ...], P]:
-  """``{path names: spec}`` for a tree of ``PartitionSpec``."""
-  flat, _ = jax.tree_util.tree_flatten_with_path(specs, is_leaf=lambda x: isinstance(x, P))
-  return {path_names(keypath): spec for keypath, spec in flat}
+  """``{path names: spec}`` for a tree of ``PartitionSpec``; a quantized kernel's leaf specs give its kernel spec."""
+  flat, _ = jax.tree_util.tree_flatten_with_path(specs, is_leaf=lambda x: isinstance(x, P) or quant.is_quantized(x))
+  return {path_names(keypath): quant.kernel_spec(spec) if quant.is_quantized(spec) else spec for keypath, spec in flat}
