@@ -8,16 +8,38 @@ as they are.
 
 import dataclasses
 
-import flax.linen as nn
-import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from jlora._errors import JloraError
 from jlora.models._activations import activation
-from jlora.models._attention import attention_mask as make_attention_mask
-from jlora.models._attention import dot_product_attention
-from jlora.models._kv_cache import Slots, default_position_ids, sequence_slots, update_kv
-from jlora.models._stacking import RematPolicy, apply_layers
+from jlora.models._decoder import CausalLM, Decoder
+from jlora.models._partition import partition_rules
+from jlora.models._stacking import RematPolicy
+from jlora.models._transformer import LayerNames, TransformerSpec
+
+_NAMES = LayerNames(
+    body="transformer",
+    tokens="wte",
+    positions="wpe",
+    layers="h",
+    attention="attn",
+    qkv="c_attn",
+    o="c_proj",
+    mlp="mlp",
+    up="c_fc",
+    down="c_proj",
+    norm_1="ln_1",
+    norm_2="ln_2",
+    final_norm="ln_f",
+)
+
+_RULES = partition_rules(_NAMES, post_norm=False, outside_layers={
+    # GPT-2's vocabulary (50257) is odd, so the embeddings split the hidden axis, not the vocabulary.
+    "(?:wte|wpe)/embedding": P(None, "fsdp"),
+    "ln_f/(?:scale|bias)": P(),
+    "lm_head/kernel": P("fsdp", None),
+})
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -75,140 +97,48 @@ class GPT2Config:
       raise JloraError(f"n_embd ({self.n_embd}) must be a multiple of n_head ({self.n_head}).")
     activation(self.activation_function)
 
-
-def _dense(config: GPT2Config, features: int, name: str | None) -> nn.Dense:
-  return nn.Dense(
-      features,
-      dtype=config.dtype,
-      param_dtype=config.param_dtype,
-      kernel_init=nn.initializers.normal(config.initializer_range),
-      name=name,
-  )
-
-
-def _layer_norm(config: GPT2Config, name: str | None) -> nn.LayerNorm:
-  return nn.LayerNorm(
-      epsilon=config.layer_norm_epsilon,
-      dtype=config.dtype,
-      param_dtype=config.param_dtype,
-      use_fast_variance=False,
-      name=name,
-  )
-
-
-class GPT2Attention(nn.Module):
-  """Causal self-attention with the fused ``c_attn`` (q, k, v) projection and an optional KV cache."""
-
-  config: GPT2Config
-
-  @nn.compact
-  def __call__(
-      self, x_btd: jax.Array, mask_bts: jax.Array, slots: Slots, *, decode: bool, deterministic: bool
-  ) -> jax.Array:
-    cfg = self.config
-    batch, length, width = x_btd.shape
-    heads, head_dim = cfg.n_head, cfg.n_embd // cfg.n_head
-    qkv_btd = _dense(cfg, 3 * width, "c_attn")(x_btd)
-    q_btnh, k_btnh, v_btnh = (
-        y.reshape(batch, length, heads, head_dim) for y in jnp.split(qkv_btd, 3, axis=-1)
+  @property
+  def transformer(self) -> TransformerSpec:
+    """This config as the transformer core reads it: pre-norm, LayerNorm, plain MLP, learned positions."""
+    head_dim = self.n_embd // self.n_head
+    return TransformerSpec(
+        names=_NAMES,
+        num_layers=self.n_layer,
+        width=self.n_embd,
+        num_heads=self.n_head,
+        num_kv_heads=self.n_head,
+        head_dim=head_dim,
+        mlp_width=self.n_inner,
+        activation=self.activation_function,
+        gated_mlp=False,
+        norm="layer",
+        norm_eps=self.layer_norm_epsilon,
+        qkv_bias=True,
+        o_bias=True,
+        mlp_bias=True,
+        attention_scale=head_dim**-0.5 if self.scale_attn_weights else 1.0,
+        attention_dropout=self.attn_pdrop,
+        residual_dropout=self.resid_pdrop,
+        embedding_dropout=self.embd_pdrop,
+        vocab_size=self.vocab_size,
+        max_positions=self.n_positions,
+        tie_word_embeddings=self.tie_word_embeddings,
+        init_std=self.initializer_range,
+        dtype=self.dtype,
+        param_dtype=self.param_dtype,
+        scan=self.scan_layers,
+        remat=self.remat,
     )
-    k_bsnh, v_bsnh = update_kv(self, k_btnh, v_btnh, slots, decode=decode)
-    out_btnh = dot_product_attention(
-        q_btnh,
-        k_bsnh,
-        v_bsnh,
-        mask_bts,
-        scale=head_dim**-0.5 if cfg.scale_attn_weights else 1.0,
-        dropout=nn.Dropout(cfg.attn_pdrop, deterministic=deterministic),
-    )
-    out_btd = _dense(cfg, width, "c_proj")(out_btnh.reshape(batch, length, width))
-    return nn.Dropout(cfg.resid_pdrop, deterministic=deterministic)(out_btd)
 
 
-class GPT2MLP(nn.Module):
-  """``c_proj(act(c_fc(x)))``."""
-
-  config: GPT2Config
-
-  @nn.compact
-  def __call__(self, x_btd: jax.Array, *, deterministic: bool) -> jax.Array:
-    cfg = self.config
-    hidden_btf = activation(cfg.activation_function)(_dense(cfg, cfg.n_inner, "c_fc")(x_btd))
-    out_btd = _dense(cfg, cfg.n_embd, "c_proj")(hidden_btf)
-    return nn.Dropout(cfg.resid_pdrop, deterministic=deterministic)(out_btd)
-
-
-class GPT2Block(nn.Module):
-  """Pre-norm block: ``h += attn(ln_1(h)); h += mlp(ln_2(h))``."""
-
-  config: GPT2Config
-  decode: bool = False
-  deterministic: bool = True
-
-  @nn.compact
-  def __call__(self, h_btd: jax.Array, mask_bts: jax.Array, slots: Slots) -> tuple[jax.Array, None]:
-    cfg = self.config
-    attn = GPT2Attention(cfg, name="attn")
-    h_btd = h_btd + attn(
-        _layer_norm(cfg, "ln_1")(h_btd), mask_bts, slots, decode=self.decode, deterministic=self.deterministic
-    )
-    mlp = GPT2MLP(cfg, name="mlp")
-    h_btd = h_btd + mlp(_layer_norm(cfg, "ln_2")(h_btd), deterministic=self.deterministic)
-    return h_btd, None
-
-
-class GPT2Model(nn.Module):
+class GPT2Model(Decoder):
   """The GPT-2 body (HF ``GPT2Model``): token + position embeddings, blocks, final LayerNorm."""
 
   config: GPT2Config
-
-  def setup(self):
-    cfg = self.config
-    embed_init = nn.initializers.normal(cfg.initializer_range)
-    self.wte = nn.Embed(
-        cfg.vocab_size, cfg.n_embd, dtype=cfg.dtype, param_dtype=cfg.param_dtype, embedding_init=embed_init
-    )
-    self.wpe = nn.Embed(
-        cfg.n_positions, cfg.n_embd, dtype=cfg.dtype, param_dtype=cfg.param_dtype, embedding_init=embed_init
-    )
-    self.ln_f = _layer_norm(cfg, None)
-
-  @nn.compact
-  def __call__(
-      self,
-      input_ids: jax.Array,
-      attention_mask: jax.Array | None = None,
-      position_ids: jax.Array | None = None,
-      *,
-      decode: bool = False,
-      deterministic: bool = True,
-  ) -> jax.Array:
-    cfg = self.config
-    if attention_mask is None:
-      attention_mask = jnp.ones(input_ids.shape, jnp.int32)
-    slots = sequence_slots(self, attention_mask, decode=decode)
-    if position_ids is None:
-      position_ids = default_position_ids(slots)
-    h_btd = self.wte(input_ids) + self.wpe(position_ids)
-    h_btd = nn.Dropout(cfg.embd_pdrop, deterministic=deterministic)(h_btd)
-    mask_bts = make_attention_mask(slots.key_valid_bs, slots.query_slots_t, causal=True)
-    h_btd = apply_layers(
-        GPT2Block,
-        h_btd,
-        mask_bts,
-        slots,
-        num_layers=cfg.n_layer,
-        scan=cfg.scan_layers,
-        remat=cfg.remat,
-        name="h",
-        config=cfg,
-        decode=decode,
-        deterministic=deterministic,
-    )
-    return self.ln_f(h_btd)
+  partition_rules = _RULES
 
 
-class GPT2LMHeadModel(nn.Module):
+class GPT2LMHeadModel(CausalLM):
   """GPT-2 with its LM head (HF ``GPT2LMHeadModel``): ``apply`` maps token ids to logits.
 
   Same calling convention as :class:`jlora.models.LlamaForCausalLM`.
@@ -229,42 +159,5 @@ class GPT2LMHeadModel(nn.Module):
   """
 
   config: GPT2Config
-
-  def setup(self):
-    self.transformer = GPT2Model(self.config)
-    if not self.config.tie_word_embeddings:
-      self.lm_head = nn.Dense(
-          self.config.vocab_size,
-          use_bias=False,
-          dtype=self.config.dtype,
-          param_dtype=self.config.param_dtype,
-          kernel_init=nn.initializers.normal(self.config.initializer_range),
-      )
-
-  def __call__(
-      self,
-      input_ids: jax.Array,
-      attention_mask: jax.Array | None = None,
-      position_ids: jax.Array | None = None,
-      *,
-      decode: bool = False,
-      deterministic: bool = True,
-  ) -> jax.Array:
-    """Logits ``(B, T, vocab_size)`` of token ids ``(B, T)``.
-
-    Args:
-      input_ids: int token ids, shape ``(B, T)``.
-      attention_mask: 1 for tokens, 0 for padding, shape ``(B, T)``; None means no padding.
-      position_ids: int positions ``(B, T)``; None derives them from the mask (and cache).
-      decode: read and append to the KV cache (needs a ``"cache"`` collection, mutable).
-      deterministic: disable dropout; with False a ``"dropout"`` rng is needed.
-
-    Returns:
-      Logits of shape ``(B, T, vocab_size)`` in the compute dtype.
-    """
-    h_btd = self.transformer(
-        input_ids, attention_mask, position_ids, decode=decode, deterministic=deterministic
-    )
-    if self.config.tie_word_embeddings:
-      return self.transformer.wte.attend(h_btd)
-    return self.lm_head(h_btd)
+  body_class = GPT2Model
+  partition_rules = _RULES
