@@ -10,12 +10,38 @@ import dataclasses
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from jlora._errors import JloraError
 from jlora.models._activations import activation
 from jlora.models._attention import attention_mask as make_attention_mask
-from jlora.models._attention import dot_product_attention
-from jlora.models._stacking import RematPolicy, apply_layers
+from jlora.models._partition import partition_rules
+from jlora.models._stacking import RematPolicy
+from jlora.models._transformer import LayerNames, TransformerSpec, apply_blocks, dense, embed, norm
+
+_NAMES = LayerNames(
+    layers="layer",
+    attention="attention",
+    heads="self",
+    q="query",
+    k="key",
+    v="value",
+    output="output",
+    o="dense",
+    norm_1="LayerNorm",
+    mlp="intermediate",
+    up="dense",
+    down="dense",
+    norm_2="LayerNorm",
+)
+
+_RULES = partition_rules(_NAMES, post_norm=True, stack="encoder/layer", outside_layers={
+    # BERT's vocabulary (30522 = 2 * 3 * 5087) rarely divides a mesh axis: split the hidden axis.
+    "embeddings/(?:word|position|token_type)_embeddings/embedding": P(None, "fsdp"),
+    "embeddings/LayerNorm/(?:scale|bias)": P(),
+    "pooler/dense/kernel": P("fsdp", "tensor"),
+    "pooler/dense/bias": P("tensor"),
+})
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -70,36 +96,35 @@ class BertConfig:
       )
     activation(self.hidden_act)
 
-
-def _dense(config: BertConfig, features: int, name: str | None) -> nn.Dense:
-  return nn.Dense(
-      features,
-      dtype=config.dtype,
-      param_dtype=config.param_dtype,
-      kernel_init=nn.initializers.normal(config.initializer_range),
-      name=name,
-  )
-
-
-def _embed(config: BertConfig, num_embeddings: int, name: str) -> nn.Embed:
-  return nn.Embed(
-      num_embeddings,
-      config.hidden_size,
-      dtype=config.dtype,
-      param_dtype=config.param_dtype,
-      embedding_init=nn.initializers.normal(config.initializer_range),
-      name=name,
-  )
-
-
-def _layer_norm(config: BertConfig, name: str | None = "LayerNorm") -> nn.LayerNorm:
-  return nn.LayerNorm(
-      epsilon=config.layer_norm_eps,
-      dtype=config.dtype,
-      param_dtype=config.param_dtype,
-      use_fast_variance=False,
-      name=name,
-  )
+  @property
+  def transformer(self) -> TransformerSpec:
+    """This config as the transformer core reads it: post-norm, LayerNorm, plain MLP, no cache."""
+    head_dim = self.hidden_size // self.num_attention_heads
+    return TransformerSpec(
+        names=_NAMES,
+        num_layers=self.num_hidden_layers,
+        width=self.hidden_size,
+        num_heads=self.num_attention_heads,
+        num_kv_heads=self.num_attention_heads,
+        head_dim=head_dim,
+        mlp_width=self.intermediate_size,
+        activation=self.hidden_act,
+        gated_mlp=False,
+        norm="layer",
+        norm_eps=self.layer_norm_eps,
+        post_norm=True,
+        qkv_bias=True,
+        o_bias=True,
+        mlp_bias=True,
+        attention_scale=head_dim**-0.5,
+        attention_dropout=self.attention_probs_dropout_prob,
+        residual_dropout=self.hidden_dropout_prob,
+        init_std=self.initializer_range,
+        dtype=self.dtype,
+        param_dtype=self.param_dtype,
+        scan=self.scan_layers,
+        remat=self.remat,
+    )
 
 
 class BertEmbeddings(nn.Module):
@@ -111,111 +136,24 @@ class BertEmbeddings(nn.Module):
   def __call__(
       self, input_ids: jax.Array, token_type_ids: jax.Array, position_ids: jax.Array, *, deterministic: bool
   ) -> jax.Array:
-    cfg = self.config
+    cfg, spec = self.config, self.config.transformer
     h_btd = (
-        _embed(cfg, cfg.vocab_size, "word_embeddings")(input_ids)
-        + _embed(cfg, cfg.type_vocab_size, "token_type_embeddings")(token_type_ids)
-        + _embed(cfg, cfg.max_position_embeddings, "position_embeddings")(position_ids)
+        embed(spec, cfg.vocab_size, "word_embeddings")(input_ids)
+        + embed(spec, cfg.type_vocab_size, "token_type_embeddings")(token_type_ids)
+        + embed(spec, cfg.max_position_embeddings, "position_embeddings")(position_ids)
     )
-    h_btd = _layer_norm(cfg)(h_btd)
+    h_btd = norm(spec, "LayerNorm")(h_btd)
     return nn.Dropout(cfg.hidden_dropout_prob, deterministic=deterministic)(h_btd)
 
 
-class BertSelfAttention(nn.Module):
-  """Bidirectional multi-head attention over the unpadded tokens (``query``, ``key``, ``value``)."""
-
-  config: BertConfig
-
-  @nn.compact
-  def __call__(self, x_btd: jax.Array, mask_bts: jax.Array, *, deterministic: bool) -> jax.Array:
-    cfg = self.config
-    batch, length, width = x_btd.shape
-    heads = cfg.num_attention_heads
-    head_dim = width // heads
-    q_btnh, k_btnh, v_btnh = (
-        _dense(cfg, width, name)(x_btd).reshape(batch, length, heads, head_dim)
-        for name in ("query", "key", "value")
-    )
-    out_btnh = dot_product_attention(
-        q_btnh,
-        k_btnh,
-        v_btnh,
-        mask_bts,
-        scale=head_dim**-0.5,
-        dropout=nn.Dropout(cfg.attention_probs_dropout_prob, deterministic=deterministic),
-    )
-    return out_btnh.reshape(batch, length, width)
-
-
-class BertResidualOutput(nn.Module):
-  """``LayerNorm(dropout(dense(x)) + residual)`` (HF ``BertSelfOutput`` and ``BertOutput``)."""
-
-  config: BertConfig
-
-  @nn.compact
-  def __call__(self, x_btf: jax.Array, residual_btd: jax.Array, *, deterministic: bool) -> jax.Array:
-    cfg = self.config
-    h_btd = _dense(cfg, cfg.hidden_size, "dense")(x_btf)
-    h_btd = nn.Dropout(cfg.hidden_dropout_prob, deterministic=deterministic)(h_btd)
-    return _layer_norm(cfg)(h_btd + residual_btd)
-
-
-class BertAttention(nn.Module):
-  """Self-attention (``self``) followed by its residual output (``output``)."""
-
-  config: BertConfig
-
-  @nn.compact
-  def __call__(self, h_btd: jax.Array, mask_bts: jax.Array, *, deterministic: bool) -> jax.Array:
-    attended_btd = BertSelfAttention(self.config, name="self")(h_btd, mask_bts, deterministic=deterministic)
-    return BertResidualOutput(self.config, name="output")(attended_btd, h_btd, deterministic=deterministic)
-
-
-class BertIntermediate(nn.Module):
-  """``act(dense(x))``."""
-
-  config: BertConfig
-
-  @nn.compact
-  def __call__(self, h_btd: jax.Array) -> jax.Array:
-    cfg = self.config
-    return activation(cfg.hidden_act)(_dense(cfg, cfg.intermediate_size, "dense")(h_btd))
-
-
-class BertLayer(nn.Module):
-  """Post-norm encoder layer: attention, then the MLP (``intermediate``, ``output``)."""
-
-  config: BertConfig
-  deterministic: bool = True
-
-  @nn.compact
-  def __call__(self, h_btd: jax.Array, mask_bts: jax.Array) -> tuple[jax.Array, None]:
-    cfg = self.config
-    h_btd = BertAttention(cfg, name="attention")(h_btd, mask_bts, deterministic=self.deterministic)
-    hidden_btf = BertIntermediate(cfg, name="intermediate")(h_btd)
-    h_btd = BertResidualOutput(cfg, name="output")(hidden_btf, h_btd, deterministic=self.deterministic)
-    return h_btd, None
-
-
 class BertEncoder(nn.Module):
-  """The stack of :class:`BertLayer` (HF ``encoder.layer``)."""
+  """The stack of post-norm layers (HF ``encoder.layer``)."""
 
   config: BertConfig
 
   @nn.compact
   def __call__(self, h_btd: jax.Array, mask_bts: jax.Array, *, deterministic: bool) -> jax.Array:
-    cfg = self.config
-    return apply_layers(
-        BertLayer,
-        h_btd,
-        mask_bts,
-        num_layers=cfg.num_hidden_layers,
-        scan=cfg.scan_layers,
-        remat=cfg.remat,
-        name="layer",
-        config=cfg,
-        deterministic=deterministic,
-    )
+    return apply_blocks(self.config.transformer, h_btd, mask_bts, None, None, decode=False, deterministic=deterministic)
 
 
 class BertPooler(nn.Module):
@@ -225,7 +163,7 @@ class BertPooler(nn.Module):
 
   @nn.compact
   def __call__(self, h_btd: jax.Array) -> jax.Array:
-    return jnp.tanh(_dense(self.config, self.config.hidden_size, "dense")(h_btd[:, 0]))
+    return jnp.tanh(dense(self.config.transformer, self.config.hidden_size, True, "dense")(h_btd[:, 0]))
 
 
 class BertModel(nn.Module):
@@ -253,6 +191,7 @@ class BertModel(nn.Module):
   """
 
   config: BertConfig
+  partition_rules = _RULES
 
   def setup(self):
     self.embeddings = BertEmbeddings(self.config)
