@@ -1,6 +1,11 @@
 """Sharding rules and param_specs: default rules for jlora.models, overrides, loud errors, real memory split."""
 
+import ast
 import dataclasses
+import pathlib
+import subprocess
+import sys
+import textwrap
 
 import flax.linen as nn
 import jax
@@ -88,6 +93,40 @@ def test_llama_specs_are_megatron_and_fsdp():
 def test_rules_for_other_modules_raises():
   with pytest.raises(JloraError, match="Dense"):
     sharding.rules_for(nn.Dense(3))
+
+
+def test_sharding_never_imports_the_models():
+  """jlora.sharding is the lower layer: it reads a model's own partition_rules and never loads jlora.models."""
+  code = textwrap.dedent("""
+      import sys
+      import flax.linen as nn
+      from jax.sharding import PartitionSpec as P
+      from jlora import JloraError, sharding
+
+      class Model(nn.Module):
+        partition_rules = (("w", ("fsdp", None)),)
+
+      assert sharding.rules_for(Model()) == (("w", P("fsdp", None)),)
+      try:
+        sharding.rules_for(nn.Dense(3))
+        raise AssertionError("rules_for(nn.Dense) did not raise")
+      except JloraError:
+        pass
+      print(sorted(name for name in sys.modules if name.startswith("jlora.models")))
+  """)
+  result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          cwd=pathlib.Path(__file__).parents[1])
+  assert result.returncode == 0, result.stderr
+  assert result.stdout.strip() == "[]"
+  for source in pathlib.Path(sharding.__file__).parent.glob("*.py"):  # nor lazily, in a branch not run above
+    for node in ast.walk(ast.parse(source.read_text())):
+      if isinstance(node, ast.ImportFrom):
+        imported = [node.module or ""] + [f"{node.module}.{alias.name}" for alias in node.names]
+      elif isinstance(node, ast.Import):
+        imported = [alias.name for alias in node.names]
+      else:
+        continue
+      assert not any(name.startswith("jlora.models") for name in imported), (source.name, ast.unparse(node))
 
 
 def test_rules_from_config_override_the_defaults():

@@ -8,7 +8,8 @@ that mirrors them (optimizer state) follow their kernels, so a jitted step with 
 Public API:
 
 * ``make_mesh(axes, devices=None)``: a mesh from ``{"data": -1, "fsdp": 1, "tensor": 1}``.
-* ``rules_for(model)``: default rules for ``jlora.models`` (FSDP over ``"fsdp"``, Megatron over ``"tensor"``).
+* ``rules_for(model)``: the default rules a model declares as ``partition_rules`` (every ``jlora.models``
+  module does: FSDP over ``"fsdp"``, Megatron over ``"tensor"``); this package never imports the models.
 * ``rules_from_config(pairs, defaults=())``: rules from ``(regex, spec-as-tuple)`` pairs, before ``defaults``.
 * ``param_specs(params, rules, mesh)``: a ``PartitionSpec`` tree, checked against shapes and mesh.
 * ``adapter_specs(adapters, specs, targets)``: specs of the LoRA factors from their kernels' specs.
