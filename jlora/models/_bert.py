@@ -20,19 +20,10 @@ from jlora.models._stacking import RematPolicy
 from jlora.models._transformer import LayerNames, TransformerSpec, apply_blocks, dense, embed, norm
 
 _NAMES = LayerNames(
-    layers="layer",
-    attention="attention",
-    heads="self",
-    q="query",
-    k="key",
-    v="value",
-    output="output",
-    o="dense",
+    layers="layer",  # inside the model's "encoder"
+    attention="attention", heads="self", q="query", k="key", v="value", output="output", o="dense",
     norm_1="LayerNorm",
-    mlp="intermediate",
-    up="dense",
-    down="dense",
-    norm_2="LayerNorm",
+    mlp="intermediate", up="dense", down="dense", norm_2="LayerNorm",
 )
 
 _RULES = partition_rules(_NAMES, post_norm=True, stack="encoder/layer", outside_layers={
@@ -100,30 +91,16 @@ class BertConfig:
   def transformer(self) -> TransformerSpec:
     """This config as the transformer core reads it: post-norm, LayerNorm, plain MLP, no cache."""
     head_dim = self.hidden_size // self.num_attention_heads
-    return TransformerSpec(
-        names=_NAMES,
-        num_layers=self.num_hidden_layers,
-        width=self.hidden_size,
-        num_heads=self.num_attention_heads,
-        num_kv_heads=self.num_attention_heads,
-        head_dim=head_dim,
-        mlp_width=self.intermediate_size,
-        activation=self.hidden_act,
-        gated_mlp=False,
-        norm="layer",
-        norm_eps=self.layer_norm_eps,
-        post_norm=True,
-        qkv_bias=True,
-        o_bias=True,
-        mlp_bias=True,
-        attention_scale=head_dim**-0.5,
-        attention_dropout=self.attention_probs_dropout_prob,
-        residual_dropout=self.hidden_dropout_prob,
-        init_std=self.initializer_range,
-        dtype=self.dtype,
-        param_dtype=self.param_dtype,
-        scan=self.scan_layers,
-        remat=self.remat,
+    return TransformerSpec.from_config(
+        self,
+        names=_NAMES, num_layers=self.num_hidden_layers, width=self.hidden_size,
+        # Attention: bidirectional multi-head, biases everywhere, no cache.
+        num_heads=self.num_attention_heads, num_kv_heads=self.num_attention_heads, head_dim=head_dim,
+        qkv_bias=True, o_bias=True, attention_scale=head_dim**-0.5,
+        attention_dropout=self.attention_probs_dropout_prob, residual_dropout=self.hidden_dropout_prob,
+        # Plain MLP; post-norm LayerNorm.
+        mlp_width=self.intermediate_size, activation=self.hidden_act, gated_mlp=False, mlp_bias=True,
+        norm="layer", norm_eps=self.layer_norm_eps, post_norm=True,
     )
 
 

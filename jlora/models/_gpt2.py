@@ -19,19 +19,9 @@ from jlora.models._stacking import RematPolicy
 from jlora.models._transformer import LayerNames, TransformerSpec
 
 _NAMES = LayerNames(
-    body="transformer",
-    tokens="wte",
-    positions="wpe",
-    layers="h",
-    attention="attn",
-    qkv="c_attn",
-    o="c_proj",
-    mlp="mlp",
-    up="c_fc",
-    down="c_proj",
-    norm_1="ln_1",
-    norm_2="ln_2",
-    final_norm="ln_f",
+    body="transformer", tokens="wte", positions="wpe", layers="h", final_norm="ln_f",
+    attention="attn", qkv="c_attn", o="c_proj", norm_1="ln_1",
+    mlp="mlp", up="c_fc", down="c_proj", norm_2="ln_2",
 )
 
 _RULES = partition_rules(_NAMES, post_norm=False, outside_layers={
@@ -101,33 +91,17 @@ class GPT2Config:
   def transformer(self) -> TransformerSpec:
     """This config as the transformer core reads it: pre-norm, LayerNorm, plain MLP, learned positions."""
     head_dim = self.n_embd // self.n_head
-    return TransformerSpec(
-        names=_NAMES,
-        num_layers=self.n_layer,
-        width=self.n_embd,
-        num_heads=self.n_head,
-        num_kv_heads=self.n_head,
-        head_dim=head_dim,
-        mlp_width=self.n_inner,
-        activation=self.activation_function,
-        gated_mlp=False,
-        norm="layer",
-        norm_eps=self.layer_norm_epsilon,
-        qkv_bias=True,
-        o_bias=True,
-        mlp_bias=True,
+    return TransformerSpec.from_config(
+        self,
+        names=_NAMES, num_layers=self.n_layer, width=self.n_embd, vocab_size=self.vocab_size,
+        tie_word_embeddings=self.tie_word_embeddings, max_positions=self.n_positions,
+        # Attention: multi-head (one fused c_attn), biases everywhere.
+        num_heads=self.n_head, num_kv_heads=self.n_head, head_dim=head_dim, qkv_bias=True, o_bias=True,
         attention_scale=head_dim**-0.5 if self.scale_attn_weights else 1.0,
-        attention_dropout=self.attn_pdrop,
-        residual_dropout=self.resid_pdrop,
-        embedding_dropout=self.embd_pdrop,
-        vocab_size=self.vocab_size,
-        max_positions=self.n_positions,
-        tie_word_embeddings=self.tie_word_embeddings,
-        init_std=self.initializer_range,
-        dtype=self.dtype,
-        param_dtype=self.param_dtype,
-        scan=self.scan_layers,
-        remat=self.remat,
+        attention_dropout=self.attn_pdrop, residual_dropout=self.resid_pdrop, embedding_dropout=self.embd_pdrop,
+        # Plain MLP; pre-norm LayerNorm.
+        mlp_width=self.n_inner, activation=self.activation_function, gated_mlp=False, mlp_bias=True,
+        norm="layer", norm_eps=self.layer_norm_epsilon,
     )
 
 

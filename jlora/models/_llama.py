@@ -20,21 +20,9 @@ from jlora.models._stacking import RematPolicy
 from jlora.models._transformer import LayerNames, TransformerSpec
 
 _NAMES = LayerNames(
-    body="model",
-    tokens="embed_tokens",
-    layers="layers",
-    attention="self_attn",
-    q="q_proj",
-    k="k_proj",
-    v="v_proj",
-    o="o_proj",
-    mlp="mlp",
-    gate="gate_proj",
-    up="up_proj",
-    down="down_proj",
-    norm_1="input_layernorm",
-    norm_2="post_attention_layernorm",
-    final_norm="norm",
+    body="model", tokens="embed_tokens", layers="layers", final_norm="norm",
+    attention="self_attn", q="q_proj", k="k_proj", v="v_proj", o="o_proj", norm_1="input_layernorm",
+    mlp="mlp", gate="gate_proj", up="up_proj", down="down_proj", norm_2="post_attention_layernorm",
 )
 
 _RULES = partition_rules(_NAMES, post_norm=False, outside_layers={
@@ -138,36 +126,19 @@ class LlamaConfig:
   @property
   def transformer(self) -> TransformerSpec:
     """This config as the transformer core reads it: pre-norm, RMSNorm, gated MLP, RoPE."""
-    return TransformerSpec(
-        names=_NAMES,
-        num_layers=self.num_hidden_layers,
-        width=self.hidden_size,
-        num_heads=self.num_attention_heads,
-        num_kv_heads=self.num_key_value_heads,
-        head_dim=self.head_dim,
-        mlp_width=self.intermediate_size,
-        activation=self.hidden_act,
-        gated_mlp=True,
-        norm="rms",
-        norm_eps=self.rms_norm_eps,
-        norm_zero_centered=self.norm_zero_centered,
-        qkv_bias=self.qkv_bias,
-        o_bias=self.o_bias,
-        mlp_bias=self.mlp_bias,
-        attention_scale=self.head_dim**-0.5,
-        sliding_window=self.sliding_window,
-        rope_theta=self.rope_theta,
-        rope_scaling=self.rope_scaling,
-        attention_dropout=self.attention_dropout,
-        residual_dropout=0.0,
-        vocab_size=self.vocab_size,
-        embedding_scale=math.sqrt(self.hidden_size) if self.scale_embeddings else None,
+    return TransformerSpec.from_config(
+        self,
+        names=_NAMES, num_layers=self.num_hidden_layers, width=self.hidden_size, vocab_size=self.vocab_size,
         tie_word_embeddings=self.tie_word_embeddings,
-        init_std=self.initializer_range,
-        dtype=self.dtype,
-        param_dtype=self.param_dtype,
-        scan=self.scan_layers,
-        remat=self.remat,
+        embedding_scale=math.sqrt(self.hidden_size) if self.scale_embeddings else None,
+        # Attention: grouped-query heads, RoPE, an optional sliding window, no residual dropout.
+        num_heads=self.num_attention_heads, num_kv_heads=self.num_key_value_heads, head_dim=self.head_dim,
+        attention_scale=self.head_dim**-0.5, qkv_bias=self.qkv_bias, o_bias=self.o_bias,
+        rope_theta=self.rope_theta, rope_scaling=self.rope_scaling, sliding_window=self.sliding_window,
+        attention_dropout=self.attention_dropout, residual_dropout=0.0,
+        # Gated MLP; pre-norm RMSNorm.
+        mlp_width=self.intermediate_size, activation=self.hidden_act, gated_mlp=True, mlp_bias=self.mlp_bias,
+        norm="rms", norm_eps=self.rms_norm_eps, norm_zero_centered=self.norm_zero_centered,
     )
 
 

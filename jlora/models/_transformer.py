@@ -17,6 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jlora._errors import JloraError
 from jlora.models._activations import activation
 from jlora.models._attention import dot_product_attention
 from jlora.models._kv_cache import Slots, update_kv
@@ -154,6 +155,24 @@ class TransformerSpec:
   param_dtype: jnp.dtype
   scan: bool
   remat: RematPolicy
+
+  def __post_init__(self):
+    names = self.names
+    if (names.qkv is None) == (names.q is None or names.k is None or names.v is None):
+      raise JloraError(f"LayerNames needs q, k and v or one fused qkv, got {names}.")
+    if self.gated_mlp != (names.gate is not None):
+      raise JloraError(f"gated_mlp={self.gated_mlp} needs {'a' if self.gated_mlp else 'no'} gate name, got {names}.")
+    if self.post_norm and (names.heads is None or names.output is None or names.qkv is not None):
+      raise JloraError(f"The post-norm layout needs heads and output names and separate q/k/v, got {names}.")
+
+  @classmethod
+  def from_config(cls, config, **fields) -> "TransformerSpec":
+    """A spec with the fields every ``jlora.models`` config names alike, then ``fields``.
+
+    Those are ``initializer_range``, ``dtype``, ``param_dtype``, ``scan_layers`` and ``remat``.
+    """
+    return cls(init_std=config.initializer_range, dtype=config.dtype, param_dtype=config.param_dtype,
+               scan=config.scan_layers, remat=config.remat, **fields)
 
 
 def dense(spec: TransformerSpec, features: int, use_bias: bool, name: str | None) -> nn.Dense:
