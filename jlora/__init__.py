@@ -8,7 +8,9 @@ Public API (everything else is private):
 * ``adapters_only``, ``adapter_labels``, ``lora_plus``: optax routing for adapter leaves.
 * ``save_adapters``, ``load_adapters``, ``load_adapter_metadata``, ``fingerprint``: adapter-only orbax
   checkpoints carrying the LoraConfig and a fingerprint of the base model.
-* ``Summary``, ``TargetRow``, ``Target``, ``KernelLayout``, ``Variant``, ``LORA``: the data types.
+* ``Summary``, ``TargetRow``, ``Target``, ``KernelLayout``: the data types.
+* ``Variant``, ``Call``, ``STATE_KEY``: the variant interface; ``LORA``, ``DORA``, ``variant_for`` and the
+  ``jlora.variants`` package: the adapter family (LoRA, DoRA, PiSSA/OLoRA inits), selected by ``LoraConfig``.
 * ``JloraError``: the one error type for unusable configs, adapters and models.
 * ``UnsafeAdapterError``, ``AdapterNormWarning``, ``LoadPolicy``: the safety checks every adapter load path applies
   (never pickle; size caps; float dtypes; exact keys/shapes; finite; fingerprint; SHA256SUMS manifest).
@@ -21,7 +23,7 @@ Public API (everything else is private):
 * ``jlora.nnx``: the same for ``flax.nnx`` models (model surgery).
 """
 
-from jlora import quant, sharding  # noqa: E402  (after the names it imports)
+from jlora import quant, sharding, variants  # noqa: E402  (after the names it imports)
 from jlora._adapter_checkpoint import adapter_shapes, load_adapter_metadata, load_adapters, save_adapters
 from jlora._combine import combine
 from jlora._config import LoraConfig
@@ -42,14 +44,18 @@ from jlora._safety import (
 )
 from jlora._summary import Summary, TargetRow
 from jlora._targets import Target
-from jlora._variant import LORA, Variant
+from jlora._variant import STATE_KEY, Call, Variant
+from jlora.variants import DORA, LORA, variant_for
 
 __all__ = [
     "AdapterNormWarning",
+    "Call",
+    "DORA",
     "LORA",
     "LoadPolicy",
     "NormReport",
     "NormRow",
+    "STATE_KEY",
     "UnsafeAdapterError",
     "adapter_shapes",
     "combine",
@@ -73,4 +79,6 @@ __all__ = [
     "quant",
     "save_adapters",
     "sharding",
+    "variant_for",
+    "variants",
 ]

@@ -17,7 +17,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from jlora import _paths
-from jlora._config import LoraConfig
+from jlora._config import RANDOM_INITS, LoraConfig, is_base_rewriting
 from jlora._errors import JloraError
 from jlora._fingerprint import fingerprint
 from jlora._safety import (
@@ -34,6 +34,7 @@ from jlora._safety import (
   write_manifest,
 )
 from jlora._safety._regex import check_regex
+from jlora.variants import FAMILIES
 
 _METADATA = "jlora_adapter.json"
 _FORMAT = "jlora-adapter/1"
@@ -89,10 +90,12 @@ def load_adapter_metadata(path: str | os.PathLike, *, policy: LoadPolicy | None 
       metadata["base_fingerprint"] is None or isinstance(metadata["base_fingerprint"], str)):
     raise UnsafeAdapterError(f"{file}: lora_config and extra must be objects and base_fingerprint a string or null.")
   raw = metadata["lora_config"]
-  if set(raw) != set(_CONFIG_FIELDS):
-    raise UnsafeAdapterError(f"{file}: lora_config has keys {sorted(raw)}; expected {sorted(_CONFIG_FIELDS)}.")
+  required = set(_CONFIG_FIELDS) - set(_ADDED_FIELDS)  # adapters saved before a field existed lack it
+  if not required <= set(raw) <= set(_CONFIG_FIELDS):
+    raise UnsafeAdapterError(f"{file}: lora_config has keys {sorted(raw)}; expected {sorted(required)}, optionally "
+                             f"with {sorted(_ADDED_FIELDS)}.")
   for key, (valid, what) in _CONFIG_FIELDS.items():
-    if not valid(raw[key]):
+    if key in raw and not valid(raw[key]):
       raise UnsafeAdapterError(f"{file}: lora_config.{key}={raw[key]!r} must be {what}.")
   targets = raw["targets"]
   for rule in [targets] if isinstance(targets, str) else targets:
@@ -125,9 +128,14 @@ _CONFIG_FIELDS = {
     "use_rslora": (lambda v: isinstance(v, bool), "true or false"),
     "rank_pattern": (lambda v: isinstance(v, dict) and all(map(_is_rank, v.values())), "{regex: positive int}"),
     "alpha_pattern": (lambda v: isinstance(v, dict) and all(map(_is_number, v.values())), "{regex: finite number}"),
-    "init": (lambda v: v in ("kaiming_uniform", "gaussian"), "'kaiming_uniform' or 'gaussian'"),
+    "init": (lambda v: isinstance(v, str) and (v in RANDOM_INITS or is_base_rewriting(v)),
+             "'kaiming_uniform', 'gaussian', 'pissa', 'pissa_niter_K' or 'olora'"),
     "dtype": (lambda v: v in ("float32", "bfloat16", "float16"), "'float32', 'bfloat16' or 'float16'"),
+    "use_dora": (lambda v: isinstance(v, bool), "true or false"),
+    "variant": (lambda v: v in FAMILIES, f"one of {list(FAMILIES)}"),
 }
+# Fields added after the first adapters were saved: absent means the default (plain LoRA).
+_ADDED_FIELDS = ("use_dora", "variant")
 
 
 def _saved_tree(checkpointer: ocp.StandardCheckpointer, item: str) -> dict:

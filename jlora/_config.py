@@ -4,11 +4,25 @@ import dataclasses
 import math
 import re
 from collections.abc import Mapping, Sequence
-from typing import Literal
 
 import jax.numpy as jnp
 
 from jlora._errors import JloraError
+
+RANDOM_INITS = ("kaiming_uniform", "gaussian")
+
+
+def niter_of(init: str) -> int | None:
+  """``K`` of ``init="pissa_niter_K"`` (a non-negative int), else None."""
+  head, sep, tail = init.partition("_niter_")
+  if head == "pissa" and sep and tail.isdigit() and str(int(tail)) == tail:
+    return int(tail)
+  return None
+
+
+def is_base_rewriting(init: str) -> bool:
+  """Whether ``init`` starts the adapter from the kernel and leaves the residual as the frozen base."""
+  return init in ("pissa", "olora") or niter_of(init) is not None
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -20,7 +34,9 @@ class LoraConfig:
   path such as ``layers/attn/q_proj/kernel``. Every rule must match at least one parameter.
 
   The adapted output is ``y = base(x) + s * (dropout(x) @ A) @ B`` with ``s = alpha / rank``
-  (``alpha / sqrt(rank)`` with ``use_rslora``).
+  (``alpha / sqrt(rank)`` with ``use_rslora``). The config carries the variant too (``use_dora``,
+  ``variant``, PiSSA/OLoRA through ``init``), so ``jlora.Lora(model, config)`` rebuilds any adapter from a
+  saved config alone; names follow PEFT's ``LoraConfig`` where PEFT has them.
 
   Attributes:
     targets: a regex or a sequence of regexes over parameter paths.
@@ -31,10 +47,17 @@ class LoraConfig:
     use_rslora: scale by ``alpha / sqrt(rank)`` (rank-stabilised LoRA).
     rank_pattern: ``{regex: rank}`` overrides; the first regex that fullmatches a path wins.
     alpha_pattern: ``{regex: alpha}`` overrides; the first regex that fullmatches a path wins.
-    init: initialiser of ``A``: ``"kaiming_uniform"`` (PEFT's default: uniform with bound
+    init: how ``A`` and ``B`` start. ``"kaiming_uniform"`` (PEFT's default: uniform with bound
       ``1/sqrt(fan_in)``) or ``"gaussian"`` (normal with std ``1/rank``, PEFT's ``init_lora_weights=
-      "gaussian"``). ``B`` always starts at zero, so an initialised adapter is the identity.
+      "gaussian"``), both with ``B = 0`` so an initialised adapter is the identity; or from the kernel:
+      ``"pissa"`` (its top-``r`` singular directions), ``"pissa_niter_K"`` (the same by a randomized SVD
+      with ``K`` subspace iterations), ``"olora"`` (its QR factors), which leave the residual ``W - s·A@B``
+      as the frozen base (``Lora.init_with_base`` returns it) so the output at init is unchanged.
     dtype: dtype of the adapter leaves (float32 by default, also when the base is bf16).
+    use_dora: DoRA: a trained magnitude per output feature on top of LoRA's direction (see
+      ``jlora.variants.DORA``).
+    variant: the adapter family, ``"lora"`` (LoRA, and DoRA with ``use_dora``); see
+      ``jlora.variants.VARIANTS`` for the registered names.
 
   Example:
     >>> import jlora
@@ -50,8 +73,10 @@ class LoraConfig:
   use_rslora: bool = False
   rank_pattern: Mapping[str, int] = dataclasses.field(default_factory=dict)
   alpha_pattern: Mapping[str, float] = dataclasses.field(default_factory=dict)
-  init: Literal["kaiming_uniform", "gaussian"] = "kaiming_uniform"
+  init: str = "kaiming_uniform"
   dtype: jnp.dtype = jnp.float32
+  use_dora: bool = False
+  variant: str = "lora"
 
   def __post_init__(self):
     rules = self.target_rules
@@ -67,10 +92,16 @@ class LoraConfig:
         raise JloraError(f"LoraConfig.{where} must be a positive int, got {rank!r}.")
     if not 0.0 <= self.dropout < 1.0:
       raise JloraError(f"LoraConfig.dropout must be in [0, 1), got {self.dropout!r}.")
-    if self.init not in ("kaiming_uniform", "gaussian"):
-      raise JloraError(f"LoraConfig.init must be 'kaiming_uniform' or 'gaussian', got {self.init!r}.")
+    if not isinstance(self.init, str) or not (self.init in RANDOM_INITS or is_base_rewriting(self.init)):
+      raise JloraError(f"LoraConfig.init must be one of {list(RANDOM_INITS)}, 'pissa', 'pissa_niter_K' (K a "
+                       f"non-negative int) or 'olora'; got {self.init!r}.")
     if not jnp.issubdtype(jnp.dtype(self.dtype), jnp.floating):
       raise JloraError(f"LoraConfig.dtype must be a floating dtype, got {self.dtype!r}.")
+    if not isinstance(self.use_dora, bool):
+      raise JloraError(f"LoraConfig.use_dora must be True or False, got {self.use_dora!r}.")
+    from jlora.variants import variant_for  # the registry imports the config type
+
+    variant_for(self)
 
   def to_dict(self) -> dict:
     """A JSON-serialisable dict; ``LoraConfig.from_dict`` inverts it."""
@@ -91,6 +122,11 @@ class LoraConfig:
     if "dtype" in data:
       data["dtype"] = jnp.dtype(data["dtype"])
     return cls(**data)
+
+  @property
+  def rewrites_base(self) -> bool:
+    """Whether init also rewrites the frozen base (PiSSA/OLoRA's residual): see ``Lora.init_with_base``."""
+    return is_base_rewriting(self.init)
 
   @property
   def target_rules(self) -> tuple[str, ...]:

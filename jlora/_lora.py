@@ -14,11 +14,14 @@ from jlora._config import LoraConfig
 from jlora._dropout import inverted_dropout
 from jlora._errors import JloraError
 from jlora._linen_bindings import binding_for
+from jlora._linen_call import linen_call
 from jlora._summary import Summary, summarize
 from jlora._targets import Target, find_targets
-from jlora._variant import LORA, Variant
+from jlora._variant import STATE_KEY, Variant, leaf_shapes
 from jlora.quant._call import module_call
+from jlora.quant._quantized import is_quantized
 from jlora.quant._tree import logical_shapes
+from jlora.variants import to_plain_lora, variant_for
 
 # An adapter rides beside the parameter it adapts, inside the params collection, under this prefix.
 # That way nn.scan / nn.vmap / nn.remat slice and broadcast it exactly like the kernel itself, and
@@ -27,16 +30,18 @@ SLOT_PREFIX = "jlora:"
 
 
 class Lora:
-  """LoRA for an unmodified ``flax.linen`` model.
+  """LoRA (and every variant of the family) for an unmodified ``flax.linen`` model.
 
   The frozen ``params`` and trainable ``adapters`` are two separate trees. For every targeted kernel
-  ``W`` at path ``P`` the adapter tree holds ``{"lora_a": A, "lora_b": B}`` at ``P``, and the
-  adapted module computes
+  ``W`` at path ``P`` the adapter tree holds the variant's leaves at ``P`` (``{"lora_a": A, "lora_b": B}``
+  for LoRA, plus ``"lora_magnitude"`` for DoRA), and the adapted module computes, for LoRA,
 
       y = base(x) + s * (dropout(x) @ A) @ B,      s = alpha / r
 
   without ever materialising ``W + s * A @ B`` (so ``jax.grad`` w.r.t. the adapters never computes
-  the frozen kernels' gradient). ``merge`` folds the update into plain params for serving.
+  the frozen kernels' gradient). ``merge`` folds the update into plain params for serving. The config
+  selects the variant (``jlora.variants.variant_for``): ``use_dora=True`` is DoRA, ``init="pissa"``
+  (``"pissa_niter_K"``, ``"olora"``) starts from the kernel and rewrites the base (``init_with_base``).
 
   Example:
     >>> import jax, jax.numpy as jnp, flax.linen as nn, jlora
@@ -51,13 +56,13 @@ class Lora:
     True
   """
 
-  def __init__(self, model: nn.Module, config: LoraConfig, *, variant: Variant = LORA):
+  def __init__(self, model: nn.Module, config: LoraConfig, *, variant: Variant | None = None):
     if not isinstance(model, nn.Module):
       raise JloraError(f"jlora.Lora wraps a flax.linen Module, got {type(model).__name__}; "
                        "for flax.nnx models use jlora.nnx.")
     self.model = model
     self.config = config
-    self.variant = variant
+    self.variant = check_variant(config, variant)
     self._targets: dict[str, Target] | None = None
     self._apply_fns: dict[tuple, Callable] = {}
 
@@ -85,23 +90,74 @@ class Lora:
     return self._targets
 
   def init(self, key: jax.Array, params: Mapping, *args, **kwargs) -> dict:
-    """Creates the adapter tree: ``A`` random (per ``config.init``), ``B`` zero, so output is unchanged.
+    """Creates the adapter tree, which leaves the model's output unchanged (``A`` random, ``B`` zero for LoRA).
 
     Args:
-      key: PRNG key for the ``A`` factors.
-      params: the frozen params (arrays or ``jax.ShapeDtypeStruct``).
+      key: PRNG key for the random factors.
+      params: the frozen params (arrays, or ``jax.ShapeDtypeStruct`` unless the variant reads the kernel's
+        values, as DoRA does; ``jax.eval_shape(lora.init, ...)`` works for every variant).
       *args, **kwargs: example inputs, as for ``model.apply``; used for an abstract trace only.
 
     Returns:
-      A nested dict with ``{"lora_a", "lora_b"}`` at each targeted kernel's path, in
-      ``config.dtype``; stacked (``nn.scan``) kernels get the same leading layer axes.
+      A nested dict with the variant's leaves (``{"lora_a", "lora_b"}`` for LoRA) at each targeted
+      kernel's path, in ``config.dtype``; stacked (``nn.scan``) kernels get the same leading layer axes.
+
+    Raises:
+      JloraError: the config rewrites the base (PiSSA/OLoRA, or a variant with shared frozen state): use
+        ``init_with_base``, which returns the base the adapters belong to.
+    """
+    if self.config.rewrites_base or self.variant.init_state is not None:
+      raise JloraError(f"LoraConfig(init={self.config.init!r}, variant={self.variant.name!r}) changes the frozen "
+                       "base as well as creating adapters: use params, adapters = lora.init_with_base(key, params, "
+                       "*inputs), and train on the returned params.")
+    return self.init_with_base(key, params, *args, **kwargs)[1]
+
+  def init_with_base(self, key: jax.Array, params: Mapping, *args, **kwargs) -> tuple[dict, dict]:
+    """Creates the adapters and the frozen params they belong to: ``(params', adapters)``.
+
+    ``params'`` is ``params`` itself unless the variant changes the frozen side: PiSSA/OLoRA replace each
+    targeted kernel by the residual ``W - s·A@B`` (in the kernel's dtype, requantized in its format when
+    quantized), and a variant with shared frozen state adds it under ``params[jlora.variants.STATE_KEY]``
+    (see ``jlora.Variant``). The caller's tree is never modified; untouched arrays are shared.
+
+    Args: as ``init``.
+
+    Returns:
+      ``(params', adapters)``; ``lora.apply(params', adapters, x)`` equals ``model.apply(params, x)`` at init.
     """
     targets = self.trace(params, *args, **kwargs)
-    # Each kernel's key depends on its path only: not on dict order, nor on which other kernels are targeted.
-    return _paths.nest({
-        tuple(path.split("/")): self.variant.init(jax.random.fold_in(key, zlib.crc32(path.encode())), target, self.config)
-        for path, target in targets.items()
-    })
+    reads = self.variant.reads_kernel or self.config.rewrites_base
+    adapters, updates = {}, {}
+    for path, target in targets.items():
+      keys = tuple(path.split("/"))
+      kernel = _paths.get(params, keys)
+      if isinstance(kernel, jax.ShapeDtypeStruct) and reads:
+        raise JloraError(f"The {self.variant.name} adapter of '{path}' (init={self.config.init!r}) starts from the "
+                         "kernel's values, but params are abstract (jax.ShapeDtypeStruct): pass the arrays, or use "
+                         "jax.eval_shape(lora.init_with_base, key, params, *inputs) for shapes.")
+      value = kernel.dequantize() if is_quantized(kernel) else kernel
+      # Each kernel's key depends on its path only: not on dict order, nor on which other kernels are targeted.
+      node_key = jax.random.fold_in(key, zlib.crc32(path.encode()))
+      adapters[keys], new_kernel = self.variant.init(node_key, target, self.config, value)
+      if new_kernel is not value:
+        updates[keys] = kernel.requantize(new_kernel) if is_quantized(kernel) else new_kernel.astype(kernel.dtype)
+    if self.variant.init_state is not None:
+      state = self.variant.init_state(jax.random.fold_in(key, zlib.crc32(STATE_KEY.encode())), targets, self.config)
+      updates[(STATE_KEY,)] = {**params.get(STATE_KEY, {}), self.variant.name: state}
+    return (_paths.replace(params, updates) if updates else params), _paths.nest(adapters)
+
+  def to_plain_lora(self, adapters: Mapping, initial: Mapping) -> tuple[dict, LoraConfig]:
+    """A PiSSA/OLoRA adapter as the rank-``2r`` plain LoRA on the original base (``jlora.variants.to_plain_lora``).
+
+    Args:
+      adapters: the trained adapters.
+      initial: the adapters as ``init_with_base`` returned them.
+
+    Returns:
+      ``(adapters, config)`` to use with the original params (``Lora(model, config)``), to save, or to export
+      with ``jlora.peft.save_pretrained``.
+    """
+    return to_plain_lora(adapters, initial, self.config, self.targets)
 
   # --- applying -------------------------------------------------------------------------------------
 
@@ -118,8 +174,9 @@ class Lora:
       collections: other variable collections (``"cache"``, ``"batch_stats"``, ...).
       **kwargs: passed to ``model.apply`` (``rngs``, ``mutable``, ``method``, model kwargs).
     """
-    variables = {**(collections or {}), "params": self.inject(params, adapters)}
-    with self.intercept(lora_dropout=lora_dropout):
+    model_params, state = split_state(self.inject(params, adapters))
+    variables = {**(collections or {}), "params": model_params}
+    with self.intercept(lora_dropout=lora_dropout, state=state):
       return self.model.apply(variables, *args, **kwargs)
 
   def apply_fn(self, adapters: Mapping | None = None, *, lora_dropout: bool | None = None) -> Callable[..., Any]:
@@ -138,16 +195,17 @@ class Lora:
       if key not in self._apply_fns:
 
         def apply_injected(variables: Mapping, *args, **kwargs):
-          with self.intercept(lora_dropout=lora_dropout):
-            return self.model.apply(variables, *args, **kwargs)
+          model_params, state = split_state(variables["params"])
+          with self.intercept(lora_dropout=lora_dropout, state=state):
+            return self.model.apply({**variables, "params": model_params}, *args, **kwargs)
 
         self._apply_fns[key] = apply_injected
       return self._apply_fns[key]
 
     def apply(variables: Mapping, *args, **kwargs):
-      variables = {**variables, "params": self.inject(variables["params"], adapters)}
-      with self.intercept(lora_dropout=lora_dropout):
-        return self.model.apply(variables, *args, **kwargs)
+      model_params, state = split_state(self.inject(variables["params"], adapters))
+      with self.intercept(lora_dropout=lora_dropout, state=state):
+        return self.model.apply({**variables, "params": model_params}, *args, **kwargs)
 
     return apply
 
@@ -165,12 +223,20 @@ class Lora:
     return _paths.replace(params, updates)
 
   @contextlib.contextmanager
-  def intercept(self, *, lora_dropout: bool | None = None) -> Iterator[None]:
-    """Context in which adapted modules add their adapter's contribution (see ``inject``)."""
-    with nn.intercept_methods(functools.partial(self._interceptor, lora_dropout)):
+  def intercept(self, *, lora_dropout: bool | None = None, state: Mapping | None = None) -> Iterator[None]:
+    """Context in which adapted modules add their adapter's contribution (see ``inject``).
+
+    ``state`` is the shared frozen state ``params[jlora.variants.STATE_KEY]`` (None when the variant has
+    none); ``apply`` and ``apply_fn`` split it off the params themselves.
+    """
+    variant_state = (state or {}).get(self.variant.name)
+    if self.variant.init_state is not None and variant_state is None:
+      raise JloraError(f"The {self.variant.name} adapters need their shared frozen state, params['{STATE_KEY}']"
+                       f"['{self.variant.name}'] (lora.init_with_base returns params with it).")
+    with nn.intercept_methods(functools.partial(self._interceptor, lora_dropout, variant_state)):
       yield
 
-  def _interceptor(self, lora_dropout, next_fun, args, kwargs, context):
+  def _interceptor(self, lora_dropout, state, next_fun, args, kwargs, context):
     module = context.module
     binding = binding_for(module)
     # A quantized kernel is dequantized inside this call (jlora.quant); otherwise this is next_fun.
@@ -187,39 +253,46 @@ class Lora:
     rank = self.config.rank_for(path)
     target = Target(path, type(module).__name__, binding.kind, layout, (), rank, self.config.scale_for(path, rank))
     self._check_adapter(target, adapter, "inside the model")
-    base_out = base(*args, **kwargs)
-    dropout = self._dropout(module, lora_dropout, path)
+    dropout, training = self._dropout(module, lora_dropout, path)
+    call = linen_call(module, context.method_name, binding, base, args, kwargs, target, dropout, training, state)
+    return self.variant.apply(adapter, call)
 
-    def low_rank(a, b):
-      return binding.low_rank(module, context.method_name, args, kwargs, layout, a, b, dropout, base_out.dtype)
-
-    return self.variant.apply(adapter, base_out, low_rank, target.scale)
-
-  def _dropout(self, module: nn.Module, mode: bool | None, path: str) -> Callable[[jax.Array], jax.Array]:
+  def _dropout(self, module: nn.Module, mode: bool | None, path: str) -> tuple[Callable[[jax.Array], jax.Array], bool]:
     rate = self.config.dropout
     if mode is False or rate == 0.0:
-      return lambda x: x
+      return (lambda x: x), False
     if not module.has_rng("dropout"):
       if mode:
         raise JloraError(f"lora_dropout=True but no 'dropout' rng reached '{path}': pass rngs={{'dropout': key}} "
                          "(and split 'dropout' in nn.scan/nn.vmap).")
-      return lambda x: x
+      return (lambda x: x), False
+    # One key per call: every use of the dropped input (the low-rank path, DoRA's frozen term) sees one mask.
     rng = module.make_rng("dropout")
-    return lambda x: inverted_dropout(rng, rate, x)
+    return (lambda x: inverted_dropout(rng, rate, x)), True
 
   # --- merging --------------------------------------------------------------------------------------
 
   def merge(self, params: Mapping, adapters: Mapping) -> dict:
-    """Plain params with every adapter folded in: ``W' = W + s * A @ B``.
+    """Plain params with every adapter folded in: ``W' = W + s * A @ B`` for LoRA (the variant's merge).
 
     Computed in float32 and cast once to each kernel's dtype, so
     ``model.apply({"params": lora.merge(params, adapters)}, x) == lora.apply(params, adapters, x)``.
+    The shared frozen state of a variant (``params[STATE_KEY]``) is not part of the merged params.
     """
-    return self._fold(params, adapters, self.variant.merge)
+    model_params, state = split_state(params)
+    variant_state = (state or {}).get(self.variant.name)
+    return self._fold(model_params, adapters, lambda w, node, t: self.variant.merge(w, node, t, variant_state)[0])
 
   def unmerge(self, merged: Mapping, adapters: Mapping) -> dict:
-    """The inverse of ``merge``: ``W = W' - s * A @ B`` (float32, cast once)."""
-    return self._fold(merged, adapters, self.variant.unmerge)
+    """The inverse of ``merge``: ``W = W' - s * A @ B`` for LoRA (float32, cast once).
+
+    Raises:
+      JloraError: the variant's merge cannot be undone from the merged kernel alone (DoRA: keep the params
+        you merged, which ``merge`` left unchanged, or use ``jlora.nnx.merge``/``unmerge``).
+    """
+    model_params, state = split_state(merged)
+    variant_state = (state or {}).get(self.variant.name)
+    return self._fold(model_params, adapters, lambda w, node, t: self.variant.unmerge(w, node, t, variant_state, None))
 
   def _fold(self, params: Mapping, adapters: Mapping, fold: Callable) -> dict:
     targets = self.targets
@@ -230,7 +303,7 @@ class Lora:
         raise JloraError(f"Adapter at '{joined}' is not a target of this Lora (targets: {list(targets)[:8]}...).")
       target = targets[joined]
       self._check_adapter(target, node, "in the adapter tree")
-      updates[path] = fold(_paths.get(params, path), node, target.layout, target.scale)
+      updates[path] = fold(_paths.get(params, path), node, target)
     return _paths.replace(params, updates)
 
   # --- bookkeeping ------------------------------------------------------------------------------------
@@ -253,10 +326,25 @@ class Lora:
     return nodes
 
   def _check_adapter(self, target: Target, node: Mapping, where: str) -> None:
-    expected = jax.eval_shape(lambda k: self.variant.init(k, target, self.config), jax.random.key(0))
-    for name, spec in expected.items():
+    for name, shape in leaf_shapes(self.variant, target).items():
       got = tuple(node[name].shape)
-      if got != spec.shape:
+      if got != shape:
         raise JloraError(f"Adapter '{target.path}/{name}' {where} has shape {got}, but rank {target.rank} on this "
                          f"{target.module_type} kernel {target.stack_shape + target.layout.shape} needs "
-                         f"{spec.shape}: the adapter does not fit this model/LoraConfig (check rank/rank_pattern).")
+                         f"{shape}: the adapter does not fit this model/LoraConfig (check rank/rank_pattern).")
+
+
+def check_variant(config: LoraConfig, variant: Variant | None) -> Variant:
+  """The variant ``config`` describes; an explicitly given one must be it (the config alone rebuilds an adapter)."""
+  described = variant_for(config)
+  if variant is not None and variant is not described:
+    raise JloraError(f"variant={variant.name!r} was given, but the LoraConfig describes {described.name!r}: the config "
+                     "selects the variant (use_dora=..., variant=...), so a saved config rebuilds the same adapter.")
+  return described
+
+
+def split_state(params: Mapping) -> tuple[Mapping, Mapping | None]:
+  """``(params without the variants' shared frozen state, that state)``; see ``jlora.Variant``."""
+  if STATE_KEY not in params:
+    return params, None
+  return {k: v for k, v in params.items() if k != STATE_KEY}, params[STATE_KEY]

@@ -1,11 +1,13 @@
-"""optax helpers: route updates to adapter leaves only, and LoRA+ learning-rate ratios."""
+"""optax helpers: route updates to adapter leaves only, and LoRA+ learning-rate groups as PEFT forms them."""
 
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Sequence
 
 import jax
 import optax
 
-from jlora._variant import LORA, Variant
+from jlora._variant import Variant
+from jlora.variants import TRAINABLE_LEAVES, VECTOR_LEAVES
 
 
 def _leaf_name(path) -> str | None:
@@ -13,13 +15,24 @@ def _leaf_name(path) -> str | None:
   return getattr(last, "key", getattr(last, "name", None))
 
 
-def adapter_labels(tree, *, variant: Variant = LORA):
-  """Labels every leaf of ``tree`` ``"adapter"`` (a variant leaf such as ``lora_a``) or ``"frozen"``."""
-  names = set(variant.leaf_names)
+def _joined(path) -> str:
+  return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
+def _names(variant: Variant | None) -> set[str]:
+  return set(TRAINABLE_LEAVES if variant is None else variant.leaf_names)
+
+
+def adapter_labels(tree, *, variant: Variant | None = None):
+  """Labels every leaf of ``tree`` ``"adapter"`` (a variant's trainable leaf, e.g. ``lora_a``) or ``"frozen"``.
+
+  ``variant=None`` recognises the trainable leaves of every variant (``jlora.variants.TRAINABLE_LEAVES``).
+  """
+  names = _names(variant)
   return jax.tree_util.tree_map_with_path(lambda p, _: "adapter" if _leaf_name(p) in names else "frozen", tree)
 
 
-def adapters_only(tx: optax.GradientTransformation, *, variant: Variant = LORA) -> optax.GradientTransformation:
+def adapters_only(tx: optax.GradientTransformation, *, variant: Variant | None = None) -> optax.GradientTransformation:
   """Applies ``tx`` to adapter leaves and ``optax.set_to_zero()`` to every other leaf.
 
   For training code that keeps one combined tree (e.g. ``{"params": frozen, "lora": adapters}`` in a
@@ -42,16 +55,34 @@ def lora_plus(
     learning_rate: optax.ScalarOrSchedule,
     *,
     ratio: float = 16.0,
+    lr_embedding: optax.ScalarOrSchedule = 1e-6,
+    embedding: str | Sequence[str] | None = None,
     others: str = "frozen",
 ) -> optax.GradientTransformation:
-  """LoRA+ (Hayou et al., 2024): ``B`` learns ``ratio`` times faster than ``A``.
+  """LoRA+ (Hayou et al., 2024) with PEFT's parameter groups (``peft.optimizers.create_loraplus_optimizer``).
+
+  * ``lora_b`` and every one-dimensional per-kernel leaf (DoRA's ``lora_magnitude``: each variant's
+    ``vector_leaves``): ``learning_rate * ratio``;
+  * the factors of adapters on embedding tables: ``lr_embedding`` (PEFT's ``loraplus_lr_embedding``, 1e-6
+    by default: an absolute rate, not a ratio). A magnitude vector on an embedding is one-dimensional and
+    stays in the group above, as in PEFT;
+  * every other adapter leaf (``lora_a``): ``learning_rate``;
+  * leaves that are not adapter leaves: frozen (zero updates, no state), or with ``others="train"``
+    trained like PEFT's other trainable parameters: one-dimensional ones (biases, norm scales) at
+    ``learning_rate * ratio``, the rest at ``learning_rate``.
+
+  PEFT also gives its ``bias``/LayerNorm group no weight decay; weight decay is ``make_tx``'s here.
 
   Args:
     make_tx: builds the optimizer from a learning rate, e.g. ``optax.adamw``.
     learning_rate: the learning rate (or schedule) of ``A``.
     ratio: ``lr_B / lr_A``.
-    others: what non-adapter leaves get: ``"frozen"`` (zero updates, no state) or ``"train"`` (the
-      optimizer at ``learning_rate``, e.g. for a task head trained beside the adapters).
+    lr_embedding: the learning rate (or schedule) of embedding adapters' factors.
+    embedding: regexes ``re.fullmatch``-ed against '/'-joined leaf paths that select embedding adapters'
+      leaves. None: the leaves under a parameter named ``embedding`` (where ``jlora.Lora`` nests the adapter of
+      an ``nn.Embed`` table). An nnx state tree holds factors beside the table (``embed/lora_a``): name its
+      embedding modules, e.g. ``embedding=r"embed/.*"``.
+    others: what non-adapter leaves get: ``"frozen"`` or ``"train"`` (see above).
 
   Returns:
     A transformation for adapter trees or combined trees.
@@ -62,13 +93,28 @@ def lora_plus(
     learning_rate_b = lambda step: ratio * learning_rate(step)  # noqa: E731
   else:
     learning_rate_b = ratio * learning_rate
+  rules = [re.compile(r) for r in ([embedding] if isinstance(embedding, str) else embedding or [])]
+
+  def on_embedding(path) -> bool:
+    if rules:
+      return any(rule.fullmatch(_joined(path)) for rule in rules)
+    return len(path) >= 2 and _leaf_name(path[:-1]) == "embedding"
 
   def labels(tree):
-    def label(path, _):
+    def label(path, leaf):
       name = _leaf_name(path)
-      return "b" if name == "lora_b" else "a" if name in LORA.leaf_names or others == "train" else "frozen"
+      if name in TRAINABLE_LEAVES:
+        if name in VECTOR_LEAVES:
+          return "b"
+        if on_embedding(path):
+          return "embedding"
+        return "b" if name == "lora_b" else "a"
+      if others == "frozen":
+        return "frozen"
+      return "b" if getattr(leaf, "ndim", 0) == 1 else "a"
 
     return jax.tree_util.tree_map_with_path(label, tree)
 
   return optax.multi_transform(
-      {"a": make_tx(learning_rate), "b": make_tx(learning_rate_b), "frozen": optax.set_to_zero()}, labels)
+      {"a": make_tx(learning_rate), "b": make_tx(learning_rate_b), "embedding": make_tx(lr_embedding),
+       "frozen": optax.set_to_zero()}, labels)

@@ -372,11 +372,6 @@ def test_refuses_different_or_missing_fingerprints(setup):
                 fingerprints=["sha256:aa", None], policy=jlora.LoadPolicy(allow_missing_fingerprint=True))
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class _DoraConfig(jlora.LoraConfig):
-  variant: str = "lora"
-
-
 @pytest.mark.parametrize("inputs, kwargs, message", [
     (["x", "narrow"], dict(combination_type="ties", density=0.5), r"same rank .* ranks are \[4, 3\]"),
     (["x", "y"], dict(combination_type="svd", density=0.5), r"\['density'\] do nothing"),
@@ -385,13 +380,13 @@ class _DoraConfig(jlora.LoraConfig):
     (["x", "y"], dict(combination_type="dare_ties", density=0.0, key=jax.random.key(0)), r"needs density in \(0, 1\]"),
     (["x", "y"], dict(combination_type="svd", svd_driver="gesvda"), "no jax equivalent"),
     (["x", "y"], dict(combination_type="mean"), "is not one of"),
-    (["x", "dora"], dict(combination_type="cat"), "variant='dora'.*plain LoRA"),
+    (["x", "dora"], dict(combination_type="cat"), "use_dora=True.*plain LoRA"),
     (["x", "swapped"], dict(combination_type="cat"), "pass each adapter with its own config"),
 ], ids=["ranks", "density_unused", "key_unused", "density_missing", "dare_density_0", "driver", "method", "variant",
         "tree"])
 def test_refusals(setup, inputs, kwargs, message):
   known = {**{n: (setup.adapters[n], setup.configs[n]) for n in ADAPTERS},
-           "dora": (setup.adapters["x"], _DoraConfig(**ADAPTERS["x"], variant="dora")),
+           "dora": (setup.adapters["x"], jlora.LoraConfig(**ADAPTERS["x"], use_dora=True)),
            "swapped": (setup.adapters["y"], setup.configs["x"])}
   with pytest.raises(jlora.JloraError, match=message):
     jlora.combine(setup.model, setup.params, [known[n] for n in inputs], [1.0, 1.0], IDS, **kwargs)

@@ -77,9 +77,14 @@ def test_lora_plus_ratio():
 
 
 def test_lora_plus_can_train_non_adapter_leaves():
-  tree = {"head": {"w": jnp.ones((3,))}, "lora": {"k": {"lora_a": jnp.ones((2,)), "lora_b": jnp.ones((2,))}}}
+  """others="train" groups the other leaves as PEFT groups other trainable parameters: one-dimensional ones
+  (biases, norm scales) at lr * ratio, the rest at lr."""
+  tree = {"head": {"w": jnp.ones((3, 2)), "b": jnp.ones((2,))},
+          "lora": {"k": {"lora_a": jnp.ones((3, 2)), "lora_b": jnp.ones((2, 3))}}}
   grads = jax.tree.map(jnp.ones_like, tree)
   tx = jlora.lora_plus(optax.sgd, 0.1, ratio=2.0, others="train")
   updates, _ = tx.update(grads, tx.init(tree))
   np.testing.assert_allclose(updates["head"]["w"], -0.1, rtol=1e-6)
+  np.testing.assert_allclose(updates["head"]["b"], -0.2, rtol=1e-6)
+  np.testing.assert_allclose(updates["lora"]["k"]["lora_a"], -0.1, rtol=1e-6)
   np.testing.assert_allclose(updates["lora"]["k"]["lora_b"], -0.2, rtol=1e-6)

@@ -8,13 +8,17 @@ module's own class; its methods call the original method for ``base(x)`` and add
 low-rank path.
 
 Attributes an adapted module gains:
-  lora_a, lora_b: ``LoraParam`` factors (the variant's ``leaf_names``), shaped
-    ``stack + batch + in + (r,)`` and ``stack + batch + (r,) + out`` (see ``KernelLayout``).
+  lora_a, lora_b, ...: ``LoraParam`` leaves (the variant's ``leaf_names``; LoRA's factors are shaped
+    ``stack + batch + in + (r,)`` and ``stack + batch + (r,) + out``, see ``KernelLayout``).
   lora_target: the ``jlora.Target`` (path, layout, stack axes, rank, scale), static.
   lora_variant: the ``jlora.Variant``, static.
   lora_dropout: the adapter dropout rate, static.
   lora_merged: whether the update is folded into the kernel (then the adapter path is skipped).
-  lora_shapes: ``((leaf name, shape), ...)`` of the factors, checked at every call, static.
+  lora_memo: what the variant's merge returned for its unmerge (DoRA's column norms), a ``LoraMemo``
+    variable while merged, else None.
+  lora_state: the variant's shared frozen state, a ``LoraState`` variable shared by every adapted module
+    (only for variants that have one).
+  lora_shapes: ``((leaf name, shape), ...)`` of the leaves, checked at every call, static.
   deterministic: nnx's train/eval switch (``model.train()`` / ``model.eval()`` / ``nnx.view``).
   lora_rngs: the ``nnx.RngStream`` of adapter dropout (only with ``dropout > 0``).
 """
@@ -29,9 +33,10 @@ from flax import nnx
 from jlora._dropout import inverted_dropout
 from jlora._errors import JloraError
 from jlora.nnx._bindings import Binding
+from jlora.nnx._call import nnx_call
 
-ATTRIBUTES = ("lora_target", "lora_variant", "lora_dropout", "lora_merged", "lora_shapes", "deterministic",
-              "lora_rngs")
+ATTRIBUTES = ("lora_target", "lora_variant", "lora_dropout", "lora_merged", "lora_memo", "lora_state", "lora_shapes",
+              "deterministic", "lora_rngs")
 
 
 class LoraModule(nnx.Module):
@@ -47,21 +52,22 @@ class LoraModule(nnx.Module):
       self.deterministic = deterministic
 
   def lora_adapter(self) -> dict[str, jax.Array]:
-    """The adapter factors as arrays, ``{"lora_a": A, "lora_b": B}`` for LoRA."""
+    """The adapter leaves as arrays, ``{"lora_a": A, "lora_b": B}`` for LoRA."""
     return {name: getattr(self, name)[...] for name in self.lora_variant.leaf_names}
+
+  def lora_state_value(self):
+    """The variant's shared frozen state (None when the variant has none)."""
+    state = vars(self).get("lora_state")
+    return None if state is None else state[...]
 
   def _lora_call(self, method: str, original: Callable, args: tuple, kwargs: dict):
     target, binding = self.lora_target, type(self)._lora_binding
     self._lora_check_shapes(binding)
-    base_out = original(self, *args, **kwargs)
     if self.lora_merged:
-      return base_out
-    dropout = self._lora_dropout_fn()
-
-    def low_rank(a, b):
-      return binding.low_rank(self, method, args, kwargs, target.layout, a, b, dropout, base_out.dtype)
-
-    return self.lora_variant.apply(self.lora_adapter(), base_out, low_rank, target.scale)
+      return original(self, *args, **kwargs)
+    dropout, training = self._lora_dropout_fn()
+    call = nnx_call(self, method, original, binding, args, kwargs, target, dropout, training, self.lora_state_value())
+    return self.lora_variant.apply(self.lora_adapter(), call)
 
   def _lora_check_shapes(self, binding: Binding) -> None:
     target = self.lora_target
@@ -79,12 +85,13 @@ class LoraModule(nnx.Module):
                          f"{target.module_type} kernel {target.layout.shape} needs {shape[n_stack:]}: were the "
                          "adapters loaded from another model or LoraConfig (check rank/rank_pattern)?")
 
-  def _lora_dropout_fn(self) -> Callable[[jax.Array], jax.Array]:
+  def _lora_dropout_fn(self) -> tuple[Callable[[jax.Array], jax.Array], bool]:
     rate = self.lora_dropout
     if rate == 0.0 or self.deterministic:
-      return lambda x: x
-
-    return lambda x: inverted_dropout(self.lora_rngs(), rate, x)
+      return (lambda x: x), False
+    # One key per call: every use of the dropped input (the low-rank path, DoRA's frozen term) sees one mask.
+    key = self.lora_rngs()
+    return (lambda x: inverted_dropout(key, rate, x)), True
 
 
 def _adapted_method(name: str, original: Callable) -> Callable:

@@ -17,11 +17,13 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from jlora._config import LoraConfig
 from jlora._errors import JloraError
+from jlora._lora import check_variant
 from jlora._targets import Target, near_misses
-from jlora._variant import LORA, Variant
+from jlora._variant import Variant
 from jlora.nnx._adapted import ATTRIBUTES, LoraModule, adapt_in_place, strip_in_place
 from jlora.nnx._bindings import SUPPORTED, Binding, binding_of_class, supported_base
-from jlora.nnx._param import LoraParam
+from jlora.nnx._param import LoraMemo, LoraParam, LoraState
+from jlora.quant._quantized import is_quantized
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,8 +37,8 @@ def _join(path: Sequence) -> str:
   return "/".join(str(k) for k in path)
 
 
-def apply_lora(model: nnx.Module, config: LoraConfig, *, rngs: nnx.Rngs, variant: Variant = LORA) -> list[str]:
-  """Adds LoRA adapters to the targeted kernels of an unmodified nnx model, in place.
+def apply_lora(model: nnx.Module, config: LoraConfig, *, rngs: nnx.Rngs, variant: Variant | None = None) -> list[str]:
+  """Adds LoRA adapters (or the config's variant: DoRA, PiSSA/OLoRA init) to an unmodified nnx model, in place.
 
   Targets are ``config.targets`` regexes ``re.fullmatch``-ed against the '/'-joined paths of the
   variables in ``nnx.state(model)``, e.g. ``layers/0/attn/q_proj/kernel`` or ``embed/embedding``.
@@ -47,7 +49,10 @@ def apply_lora(model: nnx.Module, config: LoraConfig, *, rngs: nnx.Rngs, variant
 
   with ``A`` (``lora_a``) initialised per ``config.init``, ``B`` (``lora_b``) zero, both
   ``LoraParam`` variables of ``config.dtype`` on the module beside its kernel, so the adapted model
-  starts out computing exactly what it did. ``nnx.state(model, nnx.Param)`` is unchanged (the frozen
+  starts out computing exactly what it did. The config's variant adds its leaves (DoRA's
+  ``lora_magnitude``); ``init="pissa"``/``"pissa_niter_K"``/``"olora"`` starts ``A``, ``B`` from the
+  kernel and sets the kernel to the residual ``W - s·A@B`` (in place, like PEFT; quantized kernels are
+  requantized), so the output is again unchanged. ``nnx.state(model, nnx.Param)`` is unchanged (the frozen
   base); ``nnx.state(model, LoraParam)`` is the trainable tree. Kernels with leading stacked-layer
   axes (layers created under ``nnx.vmap``) get adapters with the same leading axes.
 
@@ -61,7 +66,7 @@ def apply_lora(model: nnx.Module, config: LoraConfig, *, rngs: nnx.Rngs, variant
     model: the nnx model, modified in place.
     config: what to adapt and how.
     rngs: ``params`` (or ``default``) stream for ``A``; ``dropout`` stream when ``config.dropout > 0``.
-    variant: the adapter variant (``jlora.LORA``).
+    variant: optional; must be the variant the config describes (``jlora.variants.variant_for``).
 
   Returns:
     The '/'-joined paths of the adapted kernels, in ``nnx.state`` order.
@@ -91,6 +96,7 @@ def apply_lora(model: nnx.Module, config: LoraConfig, *, rngs: nnx.Rngs, variant
   if not isinstance(model, nnx.Module):
     raise JloraError(f"jlora.nnx.apply_lora adapts a flax.nnx Module, got {type(model).__name__}; "
                      "for flax.linen models use jlora.Lora.")
+  variant = check_variant(config, variant)
   nodes = dict(nnx.iter_graph(model))
   owned = _jlora_owned(nodes)
   variables = {path: node for path, node in nodes.items()
@@ -197,16 +203,34 @@ def _adapt(plans: list[_Plan], model: nnx.Module, config: LoraConfig, rngs: nnx.
   key = _stream(rngs, "params", "the A factors")()
   dropout_stream = _stream(rngs, "dropout", "adapter dropout") if config.dropout > 0 else None
   deterministic = _current_mode(model)
+  # Everything is computed before anything is modified: a failing init leaves the model as it was.
+  inits = []
   for plan in plans:
-    target, module = plan.target, plan.module
+    target = plan.target
+    kernel = getattr(plan.module, plan.binding.param)
+    value = kernel.get_value()
     # Each kernel's key depends on its path only: not on order, nor on which other kernels are targeted.
-    adapter = variant.init(jax.random.fold_in(key, zlib.crc32(target.path.encode())), target, config)
+    adapter, new_kernel = variant.init(jax.random.fold_in(key, zlib.crc32(target.path.encode())), target, config,
+                                       value.dequantize() if is_quantized(value) else value)
+    inits.append((adapter, None if new_kernel is value or (is_quantized(value) and not config.rewrites_base)
+                  else new_kernel))
+  state = None
+  if variant.init_state is not None:
+    state = LoraState(variant.init_state(jax.random.fold_in(key, zlib.crc32(b"jlora:state")),
+                                         {plan.target.path: plan.target for plan in plans}, config))
+  for plan, (adapter, new_kernel) in zip(plans, inits):
+    target, module = plan.target, plan.module
     kernel = getattr(module, plan.binding.param)
-    attributes = {name: _adapter_param(kernel, value, name, target) for name, value in adapter.items()}
+    if new_kernel is not None:
+      old = kernel.get_value()
+      kernel.set_value(_placed(old.requantize(new_kernel) if is_quantized(old) else new_kernel.astype(old.dtype), old))
+    attributes = {name: _adapter_param(kernel, value, name, target, variant) for name, value in adapter.items()}
     attributes.update(
         lora_target=target, lora_variant=variant, lora_dropout=float(config.dropout), lora_merged=False,
-        lora_shapes=tuple((name, tuple(value.shape)) for name, value in adapter.items()),
+        lora_memo=nnx.data(None), lora_shapes=tuple((name, tuple(value.shape)) for name, value in adapter.items()),
         deterministic=deterministic)
+    if state is not None:
+      attributes["lora_state"] = state
     if dropout_stream is not None:
       # Stacked layers get one stream per layer, sliced by nnx.scan/nnx.vmap like the kernel.
       stream = dropout_stream.split(target.stack_shape) if target.stack_shape else dropout_stream.fork()
@@ -214,36 +238,42 @@ def _adapt(plans: list[_Plan], model: nnx.Module, config: LoraConfig, rngs: nnx.
     adapt_in_place(module, plan.binding, attributes)
 
 
+def _placed(new, old):
+  """``new`` on the devices/sharding of ``old`` (a kernel laid out with a NamedSharding keeps it)."""
+  if isinstance(getattr(old, "sharding", None), NamedSharding):
+    return jax.device_put(new, old.sharding)
+  return new
+
+
 def _current_mode(model: nnx.Module) -> bool:
   modes = [m.deterministic for _, m in nnx.iter_modules(model) if "deterministic" in vars(m)]
   return bool(modes) and all(mode is True for mode in modes)
 
 
-def _factor_axes(axes: Sequence, name: str, target: Target) -> tuple | None:
-  """Per-axis sharding entries of a factor, from the kernel's: A keeps the kernel's batch and input
-  axes, B its batch and output axes; the rank axis is replicated."""
-  if name not in ("lora_a", "lora_b") or len(axes) != len(target.stack_shape) + len(target.layout.shape):
+def _factor_axes(axes: Sequence, name: str, target: Target, variant: Variant) -> tuple | None:
+  """Per-axis sharding entries of an adapter leaf, from the kernel's: each leaf axis is split like the kernel
+  axis it stands for (``Variant.leaves``: A keeps the kernel's batch and input axes, B its batch and output
+  axes, DoRA's magnitude its batch and output axes); rank axes are replicated."""
+  leaves = variant.leaves(target)
+  if name not in leaves or len(axes) != len(target.stack_shape) + len(target.layout.shape):
     return None
-  n_stack, layout = len(target.stack_shape), target.layout
+  n_stack = len(target.stack_shape)
   native = tuple(axes[n_stack:])
-  batch = tuple(native[i] for i in layout.batch_axes)
-  if name == "lora_a":
-    return (*axes[:n_stack], *batch, *(native[i] for i in layout.in_axes), None)
-  return (*axes[:n_stack], *batch, None, *(native[i] for i in layout.out_axes))
+  return (*axes[:n_stack], *(None if i is None else native[i] for i in leaves[name]))
 
 
-def _adapter_param(kernel: nnx.Variable, value: jax.Array, name: str, target: Target) -> LoraParam:
+def _adapter_param(kernel: nnx.Variable, value: jax.Array, name: str, target: Target, variant: Variant) -> LoraParam:
   """``value`` as a LoraParam placed like the kernel: a kernel laid out with a NamedSharding gives the
-  factor the matching NamedSharding, and ``out_sharding`` metadata carries over the same way."""
+  leaf the matching NamedSharding, and ``out_sharding`` metadata carries over the same way."""
   kernel_value = kernel.get_value()
   sharding = getattr(kernel_value, "sharding", None)
   if isinstance(sharding, NamedSharding):
     spec = tuple(sharding.spec) + (None,) * (kernel_value.ndim - len(sharding.spec))
-    factor_spec = _factor_axes(spec, name, target)
+    factor_spec = _factor_axes(spec, name, target, variant)
     if factor_spec is not None:
       value = jax.device_put(value, NamedSharding(sharding.mesh, PartitionSpec(*factor_spec)))
   kernel_axes = kernel.get_metadata("out_sharding", None)
-  if kernel_axes is None or (axes := _factor_axes(tuple(kernel_axes), name, target)) is None:
+  if kernel_axes is None or (axes := _factor_axes(tuple(kernel_axes), name, target, variant)) is None:
     return LoraParam(value)
   metadata = {k: v for k, v in kernel.get_metadata().items() if k in ("mesh", "sharding_rules")}
   # eager_sharding=False: the factor is placed above already, and nnx must not need a mesh context here.
@@ -262,20 +292,26 @@ def _adapted_modules(model: nnx.Module, action: str) -> list[LoraModule]:
 
 def _fold(module: LoraModule, merge: bool) -> None:
   kernel = getattr(module, type(module)._lora_binding.param)
-  target, variant = module.lora_target, module.lora_variant
-  fold = variant.merge if merge else variant.unmerge
+  target, variant, state = module.lora_target, module.lora_variant, module.lora_state_value()
   old = kernel.get_value()
-  new = fold(old, module.lora_adapter(), target.layout, target.scale)
-  if isinstance(getattr(old, "sharding", None), NamedSharding):
-    new = jax.device_put(new, old.sharding)
-  kernel.set_value(new)
+  if is_quantized(old):  # merged into the float kernel it stands for (jlora.quant.merge can requantize)
+    old = old.dequantize()
+  if merge:
+    new, memo = variant.merge(old, module.lora_adapter(), target, state)
+    module.lora_memo = nnx.data(None if memo is None else LoraMemo(memo))
+  else:
+    memo = module.lora_memo
+    new = variant.unmerge(old, module.lora_adapter(), target, state, None if memo is None else memo[...])
+    module.lora_memo = nnx.data(None)
+  kernel.set_value(_placed(new, old))
   module.lora_merged = merge
 
 
 def merge(model: nnx.Module) -> None:
-  """Folds every adapter into its kernel, in place: ``W' = W + s * A @ B``.
+  """Folds every adapter into its kernel, in place: ``W' = W + s * A @ B`` for LoRA (the variant's merge).
 
-  Computed in float32 and cast once to the kernel's dtype. Merged modules skip the adapter path, so
+  Computed in float32 and cast once to the kernel's dtype. What the variant needs to undo it (DoRA's
+  column norms) is kept on the module until ``unmerge``. Merged modules skip the adapter path, so
   the model's output is unchanged (up to that rounding); ``unmerge`` undoes it. The adapters stay
   on the model: merging is for serving, train unmerged.
 
