@@ -1,7 +1,11 @@
 """The training job end to end on the real MiniLM: smoke, outputs, exact resume, non-finite policy."""
 
+import glob
 import json
 import os
+import random
+import re
+import shutil
 import signal
 import struct
 import subprocess
@@ -73,6 +77,7 @@ def test_smoke_learns_and_writes_everything(smoke_run):
       os.path.join(workdir, "tensorboard"))
   assert os.path.getsize(os.path.join(workdir, "curves.png")) > 1000
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["12", "6"]
+  assert not os.path.exists(os.path.join(workdir, "adapter.partial"))  # the export was swapped in
 
 
 def test_exported_adapter_loads_without_training_state(smoke_run):
@@ -98,49 +103,194 @@ def test_registered_tfds_dataset_by_name(smoke_run, tmp_path):
   assert result["after"]["eval/loss"] < result["before"]["eval/loss"]
 
 
-def _run_job(workdir, *extra, wait=True):
-  cmd = [sys.executable, "-m", "train", "--config", "configs/minilm_docs.py:smoke", "--workdir", workdir,
-         "--config.checkpoint.every=4", "--config.checkpoint.use_async=False", "--config.mesh.num_devices=1", *extra]
-  return (subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600) if wait
-          else subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+class _Job:
+  """``python -m train`` on the smoke config in a subprocess, as a user runs it: the shipped defaults (async
+  checkpoints), the test session's environment (its JAX compilation cache), output to files (a full pipe would
+  stall the job)."""
+
+  def __init__(self, workdir: str, log_dir, name: str, *, checkpoint_every: int = 2):
+    self.workdir, self.out, self.err = workdir, log_dir / f"{name}.out", log_dir / f"{name}.err"
+    self.metrics = os.path.join(workdir, "metrics.jsonl")
+    self.started_ns = time.time_ns()
+    self._metrics_offset = os.path.getsize(self.metrics) if os.path.exists(self.metrics) else 0
+    cmd = [sys.executable, "-m", "train", "--config", "configs/minilm_docs.py:smoke", "--workdir", workdir,
+           "--config.mesh.num_devices=1", f"--config.checkpoint.every={checkpoint_every}", "--config.train.log_every=1",
+           "--config.train.eval_every=12"]
+    with open(self.out, "w") as out, open(self.err, "w") as err:
+      self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=err)
+
+  def stdout(self) -> str:
+    return self.out.read_text()
+
+  def stderr(self) -> str:
+    return self.err.read_text()
+
+  def wait(self, timeout: float = 600) -> int:
+    return self.proc.wait(timeout=timeout)
+
+  def wait_for(self, condition, what: str, timeout: float = 300):
+    """Polls ``condition()`` every millisecond until it returns something truthy, which it returns."""
+    deadline = time.monotonic() + timeout
+    while not (found := condition()):
+      assert self.proc.poll() is None, f"the job exited ({self.proc.returncode}) before {what}:\n{self.stderr()[-3000:]}"
+      assert time.monotonic() < deadline, f"no {what} within {timeout}s"
+      time.sleep(0.001)
+    return found
+
+  def trained_step(self) -> int:
+    """The last step this run logged a training loss for (0 if none yet)."""
+    if not os.path.exists(self.metrics):
+      return 0
+    with open(self.metrics) as f:
+      f.seek(self._metrics_offset)
+      rows = [json.loads(line) for line in f.read().split("\n")[:-1]]  # the last one may be mid-write
+    return max((r["step"] for r in rows if "train/loss" in r), default=0)
+
+  def resumed_from(self) -> int | None:
+    steps = re.findall(r"Resumed from \S+ at step (\d+)\.", self.stderr())
+    assert len(steps) <= 1, steps
+    return int(steps[0]) if steps else None
+
+  def kill(self, sig=signal.SIGKILL) -> int:
+    self.proc.send_signal(sig)
+    return self.wait(timeout=120)
 
 
-def _wait_for_checkpoint(workdir, step, proc, timeout=300):
-  path = os.path.join(workdir, "checkpoints", str(step))
-  deadline = time.time() + timeout
-  while not os.path.isdir(path):
-    assert proc.poll() is None, proc.stderr.read()
-    assert time.time() < deadline, "no checkpoint in time"
-    time.sleep(0.05)
+def _checkpoint_dirs(workdir: str) -> tuple[list[int], list[str]]:
+  """(finalized steps, orbax temporary directories of unfinished saves) in ``workdir/checkpoints``."""
+  directory = os.path.join(workdir, "checkpoints")
+  names = os.listdir(directory) if os.path.isdir(directory) else []
+  return sorted(int(n) for n in names if n.isdigit()), sorted(n for n in names if ".orbax-checkpoint-tmp" in n)
 
 
-def test_exact_resume_after_kill9_then_sigterm(tmp_path):
-  """A run killed (-9), resumed, stopped by SIGTERM and resumed again ends bitwise equal to an uninterrupted run.
+def _saving(job: _Job, after_step: int) -> str | None:
+  """A temporary directory of a save of a step past ``after_step`` that this run made (orbax removes a killed
+  run's leftover one and makes it anew when it saves that step again), once there is one."""
+  for name in _checkpoint_dirs(job.workdir)[1]:
+    try:
+      made = os.stat(os.path.join(job.workdir, "checkpoints", name)).st_ctime_ns
+    except FileNotFoundError:  # finalized (renamed) since the listing
+      continue
+    if int(name.split(".")[0]) > after_step and made >= job.started_ns:
+      return name
+  return None
 
-  kill -9 lands between saves: steps after checkpoint 4 are lost and re-done. SIGTERM saves after the
-  current step and exits 143. Every re-done step must log the identical loss.
+
+def _metric_rows(workdir: str, name: str) -> dict[int, list[float]]:
+  rows = {}
+  for row in read_metrics(workdir):
+    if name in row:
+      rows.setdefault(row["step"], []).append(row[name])
+  return rows
+
+
+def test_kill9_inside_saves_sigterm_then_rerun(smoke_run, tmp_path):
+  """kill -9 three times in one workdir (the moment orbax's temporary step directory appears, a seeded moment
+  inside a save, a seeded moment after a training step), SIGTERM, kill -9 inside the final adapter export, then
+  the same command once more.
+
+  Every restart resumes from the latest finalized checkpoint; SIGTERM saves the step the job reached; every
+  re-done step logs the reference's loss; the last run finds the job complete, exits 0 and exports the adapter
+  the kill interrupted, bitwise the uninterrupted run's (``smoke_run``: the same job in-process, with
+  checkpoints every 6 steps instead of 2, the train loss logged every 2 steps instead of every step, and an
+  eval at step 6 too).
   """
-  reference = str(tmp_path / "reference")
-  result = _run_job(reference)
-  assert result.returncode == 0, result.stderr
-  interrupted = str(tmp_path / "interrupted")
-  proc = _run_job(interrupted, wait=False)
-  _wait_for_checkpoint(interrupted, 4, proc)
-  proc.send_signal(signal.SIGKILL)
-  proc.wait(timeout=60)
-  proc = _run_job(interrupted, wait=False)
-  _wait_for_checkpoint(interrupted, 8, proc)
-  proc.send_signal(signal.SIGTERM)
-  assert proc.wait(timeout=120) == 143, proc.stderr.read()
-  assert "Resumed from" in proc.stderr.read()
-  assert not os.path.exists(os.path.join(interrupted, "adapter"))
-  resumed = _run_job(interrupted)
-  assert resumed.returncode == 0, resumed.stderr
-  assert "Resumed from" in resumed.stderr
-  chex.assert_trees_all_equal(_final_adapters(interrupted), _final_adapters(reference))
-  losses = lambda wd: {r["step"]: r["train/loss"] for r in read_metrics(wd) if "train/loss" in r}  # noqa: E731
-  ref, got = losses(reference), losses(interrupted)
-  assert all(got[s] == ref[s] for s in ref)  # re-done steps log the identical loss
+  reference_dir, reference = smoke_run
+  workdir = str(tmp_path / "interrupted")
+  rng = random.Random(12)
+  expected_resume = None  # no checkpoint before the first run
+  kills = [
+      ("the moment a save's temporary directory appears",
+       lambda job, start: job.wait_for(lambda: _saving(job, max(start, 2)), "a save past step 2")),
+      ("a seeded moment inside a save",  # of the save after the next one: resumes advance
+       lambda job, start: (job.wait_for(lambda: _saving(job, start + 2), "a save"), time.sleep(rng.uniform(0, 0.02)))),
+      ("a seeded moment after a training step",
+       lambda job, start: (job.wait_for(lambda: job.trained_step() >= start + rng.randint(1, 3), "training"),
+                           time.sleep(rng.uniform(0, 0.05)))),
+  ]
+  for k, (moment, wait_for_moment) in enumerate(kills):
+    job = _Job(workdir, tmp_path, f"kill{k}")
+    wait_for_moment(job, expected_resume or 0)
+    assert job.kill() == -signal.SIGKILL, f"kill {k} ({moment}) came too late:\n{job.stderr()[-3000:]}"
+    assert job.resumed_from() == expected_resume, (k, moment)
+    finalized, unfinished = _checkpoint_dirs(workdir)
+    if k == 0:
+      assert unfinished, "the first kill -9 did not land inside a save"
+    print(f"kill -9 at {moment}: finalized {finalized}, unfinished {unfinished}")
+    expected_resume = max(finalized, default=None)
+
+  job = _Job(workdir, tmp_path, "sigterm", checkpoint_every=0)  # no periodic saves: only SIGTERM's
+  job.wait_for(lambda: job.trained_step() > (expected_resume or 0), "a trained step")
+  reached = job.trained_step()
+  assert job.kill(signal.SIGTERM) == 143, job.stderr()[-3000:]
+  assert job.resumed_from() == expected_resume
+  saved = int(re.search(r"preempted: checkpoint saved at step (\d+);", job.stderr()).group(1))
+  assert reached <= saved < 12
+  finalized, unfinished = _checkpoint_dirs(workdir)
+  assert saved == max(finalized) and not [n for n in unfinished if n.startswith(f"{saved}.")]
+  assert not os.path.exists(os.path.join(workdir, "adapter"))
+
+  job = _Job(workdir, tmp_path, "finish")  # killed once more, inside the export of the adapter
+  adapter = os.path.join(workdir, "adapter")
+  job.wait_for(lambda: os.path.isdir(adapter + ".partial"), "the adapter's export")
+  assert job.kill() == -signal.SIGKILL, job.stderr()[-3000:]
+  assert job.resumed_from() == saved
+  assert not os.path.exists(adapter) and os.path.isdir(adapter + ".partial")  # killed mid-export
+  assert 12 in _checkpoint_dirs(workdir)[0]
+  eval_line = "eval after training:  " + "  ".join(f"{k}={v:.4f}" for k, v in reference["after"].items())
+  assert eval_line in job.stdout()
+  for name, steps in (("train/loss", set(range(1, 13))), ("eval/loss", {0, 12}), ("eval/accuracy", {0, 12})):
+    expected, got = _metric_rows(reference_dir, name), _metric_rows(workdir, name)
+    assert set(got) == steps, name
+    for step, values in got.items():  # a step re-done after a kill logs the same value every time
+      assert values == (expected[step] if step in expected else values[:1]) * len(values), (name, step, values)
+
+  rows = read_metrics(workdir)
+  job = _Job(workdir, tmp_path, "rerun")  # the same command once more: the job is complete, its export is not
+  assert job.wait() == 0, job.stderr()[-3000:]
+  assert job.resumed_from() == 12
+  assert f"{eval_line}  (logged at step 12; the job was already complete)" in job.stdout()
+  chex.assert_trees_all_equal(_final_adapters(workdir), _final_adapters(reference_dir))
+  assert not os.path.exists(adapter + ".partial")
+  assert read_metrics(workdir) == rows  # nothing trained, nothing logged
+
+
+def test_finished_job_reruns_and_continues(smoke_run, tmp_path, capsys, caplog):
+  """A finished job rerun in place keeps its exported adapter and, without a logged final eval, evaluates its
+  restored final state; a larger train.steps trains on from the last step on the new total's schedule; a
+  smaller one is refused."""
+  from train.optimizer import learning_rate_schedule
+
+  source, reference = smoke_run
+  workdir = str(tmp_path / "finished")
+  shutil.copytree(source, workdir)
+  adapter_files = {p: os.stat(p).st_mtime_ns for p in glob.glob(os.path.join(workdir, "adapter", "**"), recursive=True)}
+  rows = [r for r in read_metrics(workdir) if not (r["step"] == 12 and "eval/loss" in r)]
+  with open(os.path.join(workdir, "metrics.jsonl"), "w") as f:
+    f.writelines(json.dumps(r) + "\n" for r in rows)
+  capsys.readouterr()
+  rerun = train_lib.train_and_evaluate(_config(), workdir)
+  assert rerun["already_complete"] and rerun["steps"] == 12 and rerun["before"] is None
+  assert rerun["after"] == reference["after"]  # the restored final state evaluates exactly as it did in the run
+  out = capsys.readouterr().out
+  assert "(evaluated from the checkpoint of step 12; the job was already complete)" in out
+  assert "(step 12) kept" in out
+  assert {p: os.stat(p).st_mtime_ns for p in adapter_files} == adapter_files  # not rewritten
+  assert read_metrics(workdir) == rows
+  with pytest.raises(train_lib.WorkdirStateError, match="checkpoint at step 12, past train.steps=8"):
+    train_lib.train_and_evaluate(_config(**{"train.steps": 8}), workdir)
+
+  config = _config(**{"train.steps": 16})
+  longer = train_lib.train_and_evaluate(config, workdir)
+  assert not longer["already_complete"] and longer["steps"] == 16 and longer["before"] is None
+  assert "train.steps changed from 12 (when this checkpoint was written) to 16" in caplog.text
+  new_rows = read_metrics(workdir)[len(rows):]
+  schedule = learning_rate_schedule(config.optimizer, 16)
+  assert [(r["step"], r["train/learning_rate"]) for r in new_rows if "train/loss" in r] == [
+      (step, float(schedule(step - 1))) for step in (14, 16)]
+  assert [r["step"] for r in new_rows if "eval/loss" in r] == [16]
+  assert jlora.load_adapter_metadata(os.path.join(workdir, "adapter"))["extra"]["step"] == 16
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["12", "16"]
 
 
 def test_indivisible_batch_is_a_config_error(tmp_path):

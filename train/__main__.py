@@ -6,7 +6,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from train import distributed
-from train.train import NonFiniteError, train_and_evaluate
+from train.train import NonFiniteError, WorkdirStateError, train_and_evaluate
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py[:variant]).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the exported adapter.")
@@ -20,7 +20,7 @@ def main(argv):
   distributed.initialize(_CONFIG.value)
   try:
     result = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  except NonFiniteError as e:
+  except (NonFiniteError, WorkdirStateError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
   if result["preempted"]:

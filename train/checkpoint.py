@@ -1,7 +1,10 @@
 """Training checkpoints with orbax: train state + data-iterator position, async, keep-N, SIGTERM-safe.
 
-orbax finalises a checkpoint by an atomic rename, so a process killed mid-save (even ``kill -9``)
-leaves only complete checkpoints visible and auto-resume picks the latest complete one.
+orbax writes a step into ``<step>.orbax-checkpoint-tmp`` and finalises it by an atomic rename to
+``<step>``, so a process killed mid-save (even ``kill -9``) leaves only complete checkpoints under step
+names and auto-resume picks the latest one; the next start removes the unfinished temporary directory.
+Deleting old checkpoints (keep-N) starts only after a newer one is final, so a kill there can only
+leave a partly deleted *older* step, which resume never reads and the next clean-up removes.
 """
 
 import logging
@@ -28,7 +31,8 @@ class Checkpointer:
   def __init__(self, workdir: str, *, every: int, keep: int = 3, use_async: bool = True):
     self.every = every
     self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=use_async, create=True)
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=use_async, create=True,
+                                           cleanup_tmp_directories=True)
     self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data"))
     self._preempted = threading.Event()
     self._previous_handler = None

@@ -4,8 +4,12 @@ Resumes from the latest complete checkpoint in ``workdir`` (train state *and* da
 resumed run sees exactly the batches an uninterrupted one would), evaluates before training and
 every ``eval_every`` steps, stops on a non-finite loss or gradient (or skips the step), saves on
 SIGTERM, and exports the final adapter with its LoraConfig and base-model fingerprint.
+
+Rerunning a finished job evaluates its final checkpoint and keeps its adapter (exporting it only if it
+is missing); rerunning it with a larger ``train.steps`` trains on from the last step.
 """
 
+import functools
 import logging
 import os
 import shutil
@@ -23,7 +27,7 @@ import jlora
 from jlora import sharding
 from train import tasks
 from train.checkpoint import Checkpointer
-from train.metrics import MetricWriter, plot_curves
+from train.metrics import MetricWriter, plot_curves, read_metrics
 from train.optimizer import learning_rate_schedule, make_optimizer
 from train.progress import Progress
 from train.step import make_train_step
@@ -31,6 +35,10 @@ from train.step import make_train_step
 
 class NonFiniteError(RuntimeError):
   """The loss or gradient became NaN/inf and ``train.on_nonfinite == "stop"``."""
+
+
+class WorkdirStateError(ValueError):
+  """The workdir holds a job the config cannot continue (a checkpoint past ``train.steps``)."""
 
 
 def _stack_micro_batches(iterator, accum_steps: int) -> dict:
@@ -48,7 +56,7 @@ def _global_batch(local: dict, batch_sharding: NamedSharding) -> dict:
   return {k: jax.make_array_from_process_local_data(batch_sharding, v) for k, v in local.items()}
 
 
-def _evaluate(task, eval_step, trainable, params, eval_sharding) -> dict:
+def _evaluate(task, eval_step, trainable, *, params, eval_sharding) -> dict:
   sums: dict[str, float] = {}
   for batch in task.eval_batches():
     for name, value in eval_step(trainable, params, _global_batch(batch, eval_sharding)).items():
@@ -63,9 +71,15 @@ def _format(metrics: dict) -> str:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Runs (or resumes) the job described by ``config`` in ``workdir``.
 
+  A workdir whose latest checkpoint is at ``train.steps`` is a finished job: its final state is evaluated,
+  its exported adapter kept (or exported if missing) and nothing is trained. A checkpoint at an earlier
+  step resumes (also when ``train.steps`` grew since; the learning-rate schedule is then the new total's,
+  continued at the checkpoint's step count); one past ``train.steps`` is a ``WorkdirStateError``.
+
   Returns:
-    ``{"before": eval metrics at step 0 (None when resumed), "after": final eval metrics,
-    "steps": last step, "preempted": bool, "skipped_steps": int, "adapter": export dir | None}``.
+    ``{"before": eval metrics at step 0 (None when resumed), "after": final eval metrics (None when
+    preempted), "steps": last step, "preempted": bool, "skipped_steps": int (this run's), "adapter":
+    export dir | None, "already_complete": bool (nothing was left to train)}``.
   """
   os.makedirs(workdir, exist_ok=True)
   is_main = jax.process_index() == 0
@@ -117,21 +131,39 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), abstract_state,
                         state_shardings)
   restored = checkpointer.restore_latest(target)
+  start = 0
   if restored is not None:
     state, data_state = restored
     train_iter.set_state(data_state["iterator"])
-    logging.warning("Resumed from %s at step %d.", checkpointer.directory, int(_host(state["step"])))
+    start = int(_host(state["step"]))
+    logging.warning("Resumed from %s at step %d.", checkpointer.directory, start)
+    try:
+      _check_resume(start, data_state.get("total_steps"), config.optimizer, total_steps, workdir)
+    except WorkdirStateError:
+      checkpointer.close()
+      raise
+
+  eval_step = jax.jit(task.eval_sums, in_shardings=(state_shardings["trainable"], param_shardings,
+                                                    eval_batch_sharding), out_shardings=replicated)
+  evaluate = functools.partial(_evaluate, task, eval_step, params=params, eval_sharding=eval_batch_sharding)
+  if start == total_steps:
+    checkpointer.close()
+    if is_main:
+      print(f"already complete: {checkpointer.directory} holds the final step {start} of train.steps={total_steps}; "
+            f"nothing to train (a larger --config.train.steps continues from step {start}).")
+    after, source = _logged_eval(workdir, start), "logged at"
+    if after is None:  # metrics.jsonl lost or truncated: the restored state is evaluated instead
+      after, source = evaluate(state["trainable"]), "evaluated from the checkpoint of"
+    return _finish(workdir, task, params, state, train_iter, before=None, after=after, skipped=0, preempted=False,
+                   restored_final=True, note=f"({source} step {start}; the job was already complete)")
 
   train_step = jax.jit(make_train_step(task.loss, tx), in_shardings=(state_shardings, param_shardings,
                                                                      train_batch_sharding),
                        out_shardings=(state_shardings, replicated))
-  eval_step = jax.jit(task.eval_sums, in_shardings=(state_shardings["trainable"], param_shardings,
-                                                    eval_batch_sharding), out_shardings=replicated)
   writer = MetricWriter(workdir)
-  start = int(_host(state["step"]))
   before = None
   if start == 0:
-    before = _evaluate(task, eval_step, state["trainable"], params, eval_batch_sharding)
+    before = evaluate(state["trainable"])
     writer.write(0, before)
     if is_main:
       print(f"eval before training: {_format(before)}")
@@ -158,41 +190,107 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     local_tokens = sum(task.count_tokens({k: v[i] for k, v in batch.items()}) for i in range(config.train.accum_steps))
     progress.update(step, loss=loss, tokens_per_step=local_tokens * jax.process_count())  # hosts hold equal shares
     if step % config.train.eval_every == 0 or step == total_steps:
-      after = _evaluate(task, eval_step, state["trainable"], params, eval_batch_sharding)
+      after = evaluate(state["trainable"])
       writer.write(step, after)
     preempted = checkpointer.preempted
-    checkpointer.maybe_save(step, state, {"iterator": train_iter.get_state()},
+    checkpointer.maybe_save(step, state, {"iterator": train_iter.get_state(), "total_steps": total_steps},
                             force=preempted or step == total_steps)
     if preempted:
       break
   checkpointer.close()
   writer.close()
+  return _finish(workdir, task, params, state, train_iter, before=before, after=after, skipped=skipped,
+                 preempted=preempted, restored_final=False)
 
+
+def _check_resume(start: int, saved_total: int | None, optimizer_config, total_steps: int, workdir: str) -> None:
+  """Refuses a checkpoint past ``train.steps``; says what a changed ``train.steps`` does to the schedule."""
+  if start > total_steps:
+    raise WorkdirStateError(
+        f"{workdir} holds a checkpoint at step {start}, past train.steps={total_steps}. Rerun with "
+        f"--config.train.steps={start} (or more) to use it, or give another --workdir to train {total_steps} steps.")
+  if saved_total is None or saved_total == total_steps:
+    return
+  # The schedule is a function of the optimizer's step count, which the checkpoint carries on: it is not restarted.
+  old = learning_rate_schedule(optimizer_config, saved_total)
+  new = learning_rate_schedule(optimizer_config, total_steps)
+  was = (f"the {saved_total}-step schedule would have used {float(old(start)):.4g}" if start < saved_total else
+         f"the {saved_total}-step schedule ended at {float(old(saved_total - 1)):.4g} at step {saved_total}")
+  logging.warning(
+      "train.steps changed from %d (when this checkpoint was written) to %d: the learning rate now follows the "
+      "warmup + cosine decay schedule of a %d-step run, continued at step %d (no new warmup): %.4g at step %d; %s.",
+      saved_total, total_steps, total_steps, start + 1, float(new(start)), start + 1, was)
+
+
+def _finish(workdir: str, task, params, state: dict, train_iter, *, before, after, skipped: int, preempted: bool,
+            restored_final: bool, note: str = "") -> dict:
+  """Exports the adapter (unless preempted), draws the curves and reports; the job's result."""
+  is_main = jax.process_index() == 0
   adapter_dir = None
   last = int(_host(state["step"]))
   if not preempted:
     if is_main:
-      print(f"eval after training:  {_format(after)}")
-    adapter_dir = _export(os.path.join(workdir, "adapter"), task, params, state["trainable"], last)
-    plot_curves(workdir, ("train/loss", "eval/loss"))
+      print(f"eval after training:  {_format(after)}  {note}".rstrip())
+    adapter_dir = os.path.join(workdir, "adapter")
+    if restored_final and _exported_step(adapter_dir) == last:
+      if is_main:
+        print(f"adapter: {adapter_dir} (step {last}) kept")
+    else:
+      _export(adapter_dir, task, params, state["trainable"], last)
+    if not restored_final or not os.path.exists(os.path.join(workdir, "curves.png")):
+      plot_curves(workdir, ("train/loss", "eval/loss"))
   if is_main:
     print(f"data: {train_iter.report()}")
   return {"before": before, "after": after, "steps": last, "preempted": preempted, "skipped_steps": skipped,
-          "adapter": adapter_dir}
+          "adapter": adapter_dir, "already_complete": restored_final}
+
+
+def _logged_eval(workdir: str, step: int) -> dict | None:
+  """The eval metrics the job logged at ``step`` (the same on every host: the workdir is shared), or None."""
+  rows = [r for r in read_metrics(workdir) if r["step"] == step and any(k.startswith("eval/") for k in r)] \
+      if os.path.exists(os.path.join(workdir, "metrics.jsonl")) else []
+  logged = {k: float("nan") if v is None else v for k, v in rows[-1].items() if k != "step"} if rows else None
+  if jax.process_count() > 1:  # evaluating is collective: every host must take the same branch
+    found = multihost_utils.broadcast_one_to_all(np.int32(logged is not None))
+    logged = logged if found else None
+  return logged
+
+
+def _exported_step(directory: str) -> int | None:
+  """The step of the adapter exported in ``directory``, or None if there is none (the swap in _export makes a
+  present directory a complete one)."""
+  if not os.path.isdir(directory):
+    return None
+  try:
+    return jlora.load_adapter_metadata(directory)["extra"].get("step")
+  except jlora.UnsafeAdapterError as e:  # e.g. left half-written by a version without the swap: ours to replace
+    logging.warning("Exporting the adapter again: %s", e)
+    return None
 
 
 def _export(directory: str, task, params, trainable: dict, step: int) -> str:
-  """The adapter alone (jlora.save_adapters, written by all hosts) plus other trained leaves (a task head)."""
-  if jax.process_index() == 0 and os.path.exists(directory):
-    shutil.rmtree(directory)
-  multihost_utils.sync_global_devices("jlora_export_dir")
-  jlora.save_adapters(directory, trainable["lora"], task.lora.config,
-                      base_fingerprint=jlora.fingerprint(params), extra={**task.metadata, "step": step})
+  """The adapter alone (jlora.save_adapters, written by all hosts) plus other trained leaves (a task head).
+
+  Written next to ``directory`` and swapped in by a rename, so ``directory`` is either absent or a complete
+  export, whenever the job is killed; a rerun of a finished job exports again only if it is absent.
+  """
+  partial = directory + ".partial"
+  if jax.process_index() == 0 and os.path.exists(partial):
+    shutil.rmtree(partial)
+  multihost_utils.sync_global_devices("jlora_export_start")
   others = {k: v for k, v in trainable.items() if k != "lora"}
-  if others:
+  if others:  # first, so that save_adapters' SHA256SUMS manifest covers them
     with ocp.StandardCheckpointer() as checkpointer:
-      checkpointer.save(os.path.join(os.path.abspath(directory), "trainable_extras"), others)
+      checkpointer.save(os.path.join(os.path.abspath(partial), "trainable_extras"), others)
+  jlora.save_adapters(partial, trainable["lora"], task.lora.config,
+                      base_fingerprint=jlora.fingerprint(params), extra={**task.metadata, "step": step})
+  multihost_utils.sync_global_devices("jlora_export_written")
+  if jax.process_index() == 0:
+    if os.path.exists(directory):
+      shutil.rmtree(directory)
+    os.replace(partial, directory)
+  multihost_utils.sync_global_devices("jlora_export_done")
   return directory
 
 
-__all__ = ["NonFiniteError", "train_and_evaluate"]
+__all__ = ["NonFiniteError", "WorkdirStateError", "train_and_evaluate"]
