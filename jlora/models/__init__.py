@@ -6,6 +6,11 @@ weight matrix is a plain ``nn.Dense`` / ``nn.Embed``. Checkpoints are read and w
 safetensors without torch; GGUF files (llama.cpp's format, quantized or not) load through the same
 strict path, their tokenizer and chat template included; generation runs a jitted KV-cache loop.
 
+The architectures share one transformer core (``_transformer.py``: attention, MLP, norms, the pre- or
+post-norm layer; ``_decoder.py``: the causal body and LM head); an architecture file holds its config,
+its Hugging Face names and how the config maps onto the core. Each model class carries its default
+sharding rules as ``partition_rules``, which ``jlora.sharding.rules_for`` reads.
+
 Example:
   >>> import jax, jax.numpy as jnp
   >>> from jlora import models
