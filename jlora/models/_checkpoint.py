@@ -22,7 +22,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from jlora.models._bert import BertConfig, BertModel
 from jlora.models._errors import CheckpointError
-from jlora.models._gguf import GgufReader, hf_config_from_gguf, is_gguf, open_gguf
+from jlora.models._gguf import QUANTIZED_MODES, GgufReader, hf_config_from_gguf, is_gguf, load_keeping_blocks, open_gguf
 from jlora.models._gpt2 import GPT2Config, GPT2LMHeadModel
 from jlora.models._hf_configs import ModelConfig, config_from_hf, config_to_hf
 from jlora.models._llama import LlamaConfig, LlamaForCausalLM
@@ -235,6 +235,7 @@ def from_pretrained(
     ignore: Sequence[str] = (),
     mesh: Mesh | None = None,
     rules: Iterable[tuple[str, Any]] | None = None,
+    quantized: str = "dequantize",
 ) -> tuple[Model, Params]:
   """Loads a Hugging Face checkpoint directory (``config.json`` + ``*.safetensors``) or a GGUF file.
 
@@ -265,6 +266,11 @@ def from_pretrained(
       shards; None loads them whole onto the default device.
     rules: ``(regex, PartitionSpec)`` sharding rules for the params (with ``mesh`` only); None uses
       ``jlora.sharding.rules_for(model)``.
+    quantized: what becomes of a GGUF file's quantized tensors. ``"dequantize"`` (default): every tensor
+      is float. ``"keep"``: each projection kernel stored as Q4_0, Q4_1 or Q8_0 in every layer stays in
+      its blocks as a ``jlora.quant.GgufBlocks`` (the frozen base of QLoRA: ``jlora.Lora.apply`` and
+      ``jlora.quant.apply`` dequantize it inside its module's call); embeddings, norms and tensors of
+      other types (K-quants, ...) are dequantized as by default. GGUF files only.
 
   Returns:
     ``(model, params)``: a flax module and its ``params`` tree; call
@@ -272,7 +278,8 @@ def from_pretrained(
 
   Raises:
     CheckpointError: unsupported ``model_type`` or setting; missing, unexpected or mis-shaped tensors
-      (all named in the message); ``rules`` without a ``mesh``.
+      (all named in the message); ``rules`` without a ``mesh``; ``quantized="keep"`` for a directory, with
+      ``ignore``, or for a file without Q4_0 / Q4_1 / Q8_0 projections.
     JloraError: with ``mesh``, params that no rule covers or whose spec does not fit the mesh.
 
   Example:
@@ -292,6 +299,11 @@ def from_pretrained(
   if rules is not None and mesh is None:
     raise CheckpointError("from_pretrained got sharding rules but no mesh; pass mesh=jlora.sharding.make_mesh(...).")
   directory = pathlib.Path(path)
+  if quantized not in QUANTIZED_MODES:
+    raise CheckpointError(f"quantized must be one of {list(QUANTIZED_MODES)}, got {quantized!r}.")
+  if quantized == "keep" and (not is_gguf(directory) or ignore):
+    raise CheckpointError(f"quantized='keep' keeps the blocks of a GGUF file's tensors (which holds exactly the model's "
+                          f"tensors, so nothing to ignore); got {directory}{' with ignore' if ignore else ''}.")
   if is_gguf(directory):
     gguf_file = open_gguf(directory)
     config = config_from_hf(hf_config_from_gguf(gguf_file))
@@ -313,7 +325,10 @@ def from_pretrained(
     model = model_for_config(dataclasses.replace(config, **runtime))
     if mesh is not None and rules is None:
       rules = rules_for(model)
-    params = _load_params(reader, model, ignore, mesh, rules or ())
+    if quantized == "keep":
+      params = load_keeping_blocks(reader, model, mesh, rules or ())
+    else:
+      params = _load_params(reader, model, ignore, mesh, rules or ())
   return model, params
 
 

@@ -11,6 +11,10 @@ own routines (``gguf.quants.dequantize``): every type that package dequantizes l
 Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, the K-quants, ...). llama.cpp's converter changes two things that are
 undone here: the rows of the ``llama`` architecture's Q and K projections are permuted for its
 interleaved RoPE, and Gemma's zero-centred norm weights are stored as ``1 + w``.
+
+:func:`load_keeping_blocks` (``from_pretrained(path, quantized="keep")``) loads the projection kernels
+stored in Q4_0, Q4_1 or Q8_0 as ``jlora.quant.GgufBlocks`` instead: the file's blocks, never dequantized
+on the host, dequantized per layer inside the model's call.
 """
 
 import dataclasses
@@ -29,6 +33,8 @@ from flax import traverse_util
 from jlora.models._errors import CheckpointError
 from jlora.models._llama import LlamaConfig, LlamaForCausalLM
 from jlora.models._name_maps import llama_name_map
+from jlora.quant import _gguf_blocks
+from jlora.sharding import param_specs
 
 GGUF_SUFFIX = ".gguf"
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "gemma")
@@ -283,15 +289,36 @@ class GgufReader:
     except NotImplementedError as e:
       raise CheckpointError(f"GGUF tensor {tensor.name!r} of {self.directory} has type {tensor.tensor_type.name}, "
                             f"which the gguf package does not dequantize: {e}") from e
-    array = np.asarray(array, np.float32).reshape(self.shape(name))
-    config = self._config
-    if config.model_type == "llama" and ".self_attn.q_proj." in name:
-      array = _unpermute_rows(array, config.num_attention_heads)
-    elif config.model_type == "llama" and ".self_attn.k_proj." in name:
-      array = _unpermute_rows(array, config.num_key_value_heads)
-    elif config.norm_zero_centered and name.endswith("norm.weight"):
+    array = self._unpermute(name, np.asarray(array, np.float32).reshape(self.shape(name)))
+    if self._config.norm_zero_centered and name.endswith("norm.weight"):
       array = array - np.float32(1.0)
     return array
+
+  def ggml_type(self, name: str) -> str:
+    """The GGUF type of tensor ``name``, lower case (``"q4_1"``, ``"f32"``, ``"q6_k"``, ...)."""
+    return self._tensors[self._gguf_names[name]].tensor_type.name.lower()
+
+  def blocks(self, name: str, dtype: Any) -> "_gguf_blocks.GgufBlocks":
+    """Weight ``name`` (a Q4_0, Q4_1 or Q8_0 ``[out, in]`` matrix) as the ``(in, out)`` kernel of its own blocks.
+
+    Nothing is dequantized: the Q/K row permutation acts on output rows, which are whole rows of
+    blocks, so it is undone by permuting the rows of the codes and scales.
+    """
+    tensor = self._tensors[self._gguf_names[name]]
+    kept = _gguf_blocks.gguf_blocks(np.asarray(tensor.data), self.ggml_type(name), dtype)
+    if kept.kernel_shape[::-1] != self.shape(name):
+      raise CheckpointError(f"GGUF tensor {tensor.name!r} of {self.directory} holds {kept.kernel_shape[::-1]} "
+                            f"values in its blocks, expected {self.shape(name)}.")
+    return dataclasses.replace(kept, **{field: self._unpermute(name, getattr(kept, field))
+                                        for field in ("codes", "scales", "mins") if getattr(kept, field) is not None})
+
+  def _unpermute(self, name: str, rows: np.ndarray) -> np.ndarray:
+    config = self._config
+    if config.model_type == "llama" and ".self_attn.q_proj." in name:
+      return _unpermute_rows(rows, config.num_attention_heads)
+    if config.model_type == "llama" and ".self_attn.k_proj." in name:
+      return _unpermute_rows(rows, config.num_key_value_heads)
+    return rows
 
   def get_slice(self, name: str, index: tuple[slice, ...]) -> np.ndarray:
     """``tensor[index]`` of tensor ``name``; the whole tensor is dequantized once and kept for later blocks."""
@@ -304,9 +331,66 @@ def _unpermute_rows(array: np.ndarray, heads: int) -> np.ndarray:
   """Undoes llama.cpp's Q/K row order: within each head it interleaves the two RoPE halves.
 
   llama.cpp stores row ``2 * j + s`` of a head (``s`` in {0, 1}) where Hugging Face has row
-  ``s * half + j``; this maps the GGUF rows back (weights ``(heads * head_dim, in)`` or biases).
+  ``s * half + j``; this maps the GGUF rows back (weights ``(heads * head_dim, in)``, biases, or the
+  ``(heads * head_dim, blocks, ...)`` codes and scales of a weight kept in its blocks).
   """
   rows = array.shape[0]
   half = rows // heads // 2
   return array.reshape(heads, half, 2, *array.shape[1:]).swapaxes(1, 2).reshape(array.shape)
 
+
+
+QUANTIZED_MODES = ("dequantize", "keep")
+
+
+def load_keeping_blocks(reader: GgufReader, model: LlamaForCausalLM, mesh: Any = None, rules: Any = ()) -> dict:
+  """The params of ``model`` from a GGUF file, its Q4_0 / Q4_1 / Q8_0 projection kernels kept in their blocks.
+
+  A projection (the ``q/k/v/o``, ``gate/up/down`` kernels and an untied ``lm_head``) whose tensors all
+  have one of those types becomes a ``jlora.quant.GgufBlocks`` in flax's ``(in, out)`` layout, stacked
+  along a leading layer axis for ``nn.scan``, Q/K rows unpermuted, never dequantized here. Every other
+  tensor (embeddings, norms, biases, and projections of other types, K-quants or a mix of types over the
+  layers) is dequantized to float32 and cast to ``param_dtype``, as ``from_pretrained`` does.
+
+  Args:
+    reader: the file's tensors, checked against ``model``'s sizes.
+    model: the ``LlamaForCausalLM`` the file describes (its ``param_dtype`` is the kept kernels' dtype).
+    mesh: with a mesh, every leaf (each kept kernel's codes and statistics too) is a global array sharded
+      by ``rules`` (``jlora.sharding.param_specs``: blocks are never split). Each host reads the file's
+      quantized tensors whole; that is the point of keeping them small.
+    rules: ``(regex, PartitionSpec)`` rules, with ``mesh``.
+
+  Raises:
+    CheckpointError: the file has no projection kernel of a kept type.
+  """
+  config = model.config
+  names = llama_name_map(config)
+  param_dtype = jnp.dtype(config.param_dtype)
+  flat: dict[str, Any] = {}
+  kept = 0
+  for rule in names.rules:
+    layers = list(range(names.num_layers)) if rule.per_layer else [None]
+    hf_names = [rule.hf_name.format(i=i) for i in layers]
+    types = {reader.ggml_type(name) for name in hf_names}
+    keep = rule.transpose and rule.param_path.endswith("/kernel") and len(types) == 1 and types <= set(
+        _gguf_blocks.GGUF_TYPES)
+    if keep:
+      values = [reader.blocks(name, param_dtype) for name in hf_names]
+      kept += 1
+    else:
+      values = [(reader.get(name).T if rule.transpose else reader.get(name)).astype(param_dtype) for name in hf_names]
+    if rule.per_layer and config.scan_layers:
+      flat[rule.param_path.replace("_{i}", "")] = jax.tree.map(lambda *layer: np.stack(layer), *values)
+    else:
+      flat.update({rule.param_path.format(i=i): value for i, value in zip(layers, values)})
+  if not kept:
+    raise CheckpointError(
+        f"GGUF file {reader.directory} has no projection kernel stored as {sorted(_gguf_blocks.GGUF_TYPES)} in every "
+        "layer, so quantized='keep' would keep nothing; load it with quantized='dequantize' (and "
+        "jlora.quant.quantize it to train over a quantized base).")
+  params = traverse_util.unflatten_dict(flat, sep="/")
+  if mesh is None:
+    return jax.tree.map(jnp.asarray, params)
+  specs = param_specs(params, rules, mesh)
+  return jax.tree.map(lambda leaf, spec: jax.make_array_from_callback(
+      leaf.shape, jax.sharding.NamedSharding(mesh, spec), lambda index: leaf[index]), params, specs)

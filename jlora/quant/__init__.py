@@ -17,6 +17,9 @@ Public API:
 * ``footprint(params)``, ``Footprint``: parameters and bytes, bytes per quantized parameter.
 * ``quantize_nnx(model, targets, ...)``: the same for a ``flax.nnx`` model, in place.
 * ``QuantizedArray``, ``quantize_array``, ``Quantized``, ``is_quantized``, ``logical_shapes``, ``KINDS``.
+* ``GgufBlocks``, ``gguf_blocks``, ``quantize_gguf``, ``GGUF_TYPES``: a kernel kept in a GGUF file's own
+  Q4_0 / Q4_1 / Q8_0 blocks (``jlora.models.from_pretrained(path.gguf, quantized="keep")``), dequantized
+  bit for bit as the ``gguf`` package does.
 
 Example:
   >>> import jax, jax.numpy as jnp, flax.linen as nn, jlora
@@ -34,6 +37,7 @@ Example:
 
 from jlora.quant._call import apply, apply_fn, intercept
 from jlora.quant._footprint import Footprint, footprint
+from jlora.quant._gguf_blocks import GGUF_TYPES, GgufBlocks, gguf_blocks, quantize_gguf
 from jlora.quant._merge import MergeReport, MergeRow, merge
 from jlora.quant._nnx import quantize_nnx
 from jlora.quant._qarray import KINDS, QuantizedArray, quantize_array
@@ -43,6 +47,8 @@ from jlora.quant._tree import dequantize, logical_shapes, quantize
 
 __all__ = [
     "Footprint",
+    "GGUF_TYPES",
+    "GgufBlocks",
     "KINDS",
     "MergeReport",
     "MergeRow",
@@ -52,6 +58,7 @@ __all__ = [
     "apply_fn",
     "dequantize",
     "footprint",
+    "gguf_blocks",
     "intercept",
     "is_quantized",
     "kernel_spec",
@@ -60,5 +67,6 @@ __all__ = [
     "partition_specs",
     "quantize",
     "quantize_array",
+    "quantize_gguf",
     "quantize_nnx",
 ]
