@@ -23,6 +23,7 @@ from jlora._errors import JloraError
 from jlora._safety._errors import AdapterNormWarning, UnsafeAdapterError
 from jlora._safety._policy import LoadPolicy
 from jlora._safety._trees import to_host
+from jlora.quant._quantized import is_quantized
 
 _MAD_TO_SIGMA = 0.6745
 
@@ -93,8 +94,10 @@ def _update_norms(lora_a: np.ndarray, lora_b: np.ndarray, n_stack: int, n_batch:
 
 @functools.partial(jax.jit, static_argnums=1)
 def _weight_norms(kernels: list, stacks: tuple[int, ...]) -> list:
-  """``||W||_F`` per stacked layer of every kernel, in one compiled computation (no host gather)."""
-  return [jnp.sqrt(jnp.sum(jnp.square(jnp.asarray(w, jnp.float32)).reshape(math.prod(w.shape[:n]), -1), axis=1))
+  """``||W||_F`` per stacked layer of every kernel, in one compiled computation (no host gather); a quantized
+  kernel (``jlora.quant``) counts as the kernel it dequantizes to."""
+  kernels = [w.dequantize(jnp.float32) if is_quantized(w) else jnp.asarray(w, jnp.float32) for w in kernels]
+  return [jnp.sqrt(jnp.sum(jnp.square(w).reshape(math.prod(w.shape[:n]), -1), axis=1))
           for w, n in zip(kernels, stacks)]
 
 
