@@ -108,6 +108,8 @@ class _Job:
   checkpoints), the test session's environment (its JAX compilation cache), output to files (a full pipe would
   stall the job)."""
 
+  running: list["_Job"] = []  # killed by the jobs fixture when a test fails before its job ends
+
   def __init__(self, workdir: str, log_dir, name: str, *, checkpoint_every: int = 2):
     self.workdir, self.out, self.err = workdir, log_dir / f"{name}.out", log_dir / f"{name}.err"
     self.metrics = os.path.join(workdir, "metrics.jsonl")
@@ -118,6 +120,7 @@ class _Job:
            "--config.train.eval_every=12"]
     with open(self.out, "w") as out, open(self.err, "w") as err:
       self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=err)
+    _Job.running.append(self)
 
   def stdout(self) -> str:
     return self.out.read_text()
@@ -156,6 +159,15 @@ class _Job:
     return self.wait(timeout=120)
 
 
+@pytest.fixture
+def jobs():
+  yield _Job
+  for job in _Job.running:
+    if job.proc.poll() is None:
+      job.kill()
+  _Job.running.clear()
+
+
 def _checkpoint_dirs(workdir: str) -> tuple[list[int], list[str]]:
   """(finalized steps, orbax temporary directories of unfinished saves) in ``workdir/checkpoints``."""
   directory = os.path.join(workdir, "checkpoints")
@@ -184,7 +196,7 @@ def _metric_rows(workdir: str, name: str) -> dict[int, list[float]]:
   return rows
 
 
-def test_kill9_inside_saves_sigterm_then_rerun(smoke_run, tmp_path):
+def test_kill9_inside_saves_sigterm_then_rerun(smoke_run, tmp_path, jobs):
   """kill -9 three times in one workdir (the moment orbax's temporary step directory appears, a seeded moment
   inside a save, a seeded moment after a training step), SIGTERM, kill -9 inside the final adapter export, then
   the same command once more.
@@ -209,7 +221,7 @@ def test_kill9_inside_saves_sigterm_then_rerun(smoke_run, tmp_path):
                            time.sleep(rng.uniform(0, 0.05)))),
   ]
   for k, (moment, wait_for_moment) in enumerate(kills):
-    job = _Job(workdir, tmp_path, f"kill{k}")
+    job = jobs(workdir, tmp_path, f"kill{k}")
     wait_for_moment(job, expected_resume or 0)
     assert job.kill() == -signal.SIGKILL, f"kill {k} ({moment}) came too late:\n{job.stderr()[-3000:]}"
     assert job.resumed_from() == expected_resume, (k, moment)
@@ -219,7 +231,7 @@ def test_kill9_inside_saves_sigterm_then_rerun(smoke_run, tmp_path):
     print(f"kill -9 at {moment}: finalized {finalized}, unfinished {unfinished}")
     expected_resume = max(finalized, default=None)
 
-  job = _Job(workdir, tmp_path, "sigterm", checkpoint_every=0)  # no periodic saves: only SIGTERM's
+  job = jobs(workdir, tmp_path, "sigterm", checkpoint_every=0)  # no periodic saves: only SIGTERM's
   job.wait_for(lambda: job.trained_step() > (expected_resume or 0), "a trained step")
   reached = job.trained_step()
   assert job.kill(signal.SIGTERM) == 143, job.stderr()[-3000:]
@@ -230,7 +242,7 @@ def test_kill9_inside_saves_sigterm_then_rerun(smoke_run, tmp_path):
   assert saved == max(finalized) and not [n for n in unfinished if n.startswith(f"{saved}.")]
   assert not os.path.exists(os.path.join(workdir, "adapter"))
 
-  job = _Job(workdir, tmp_path, "finish")  # killed once more, inside the export of the adapter
+  job = jobs(workdir, tmp_path, "finish")  # killed once more, inside the export of the adapter
   adapter = os.path.join(workdir, "adapter")
   job.wait_for(lambda: os.path.isdir(adapter + ".partial"), "the adapter's export")
   assert job.kill() == -signal.SIGKILL, job.stderr()[-3000:]
@@ -246,7 +258,7 @@ def test_kill9_inside_saves_sigterm_then_rerun(smoke_run, tmp_path):
       assert values == (expected[step] if step in expected else values[:1]) * len(values), (name, step, values)
 
   rows = read_metrics(workdir)
-  job = _Job(workdir, tmp_path, "rerun")  # the same command once more: the job is complete, its export is not
+  job = jobs(workdir, tmp_path, "rerun")  # the same command once more: the job is complete, its export is not
   assert job.wait() == 0, job.stderr()[-3000:]
   assert job.resumed_from() == 12
   assert f"{eval_line}  (logged at step 12; the job was already complete)" in job.stdout()
