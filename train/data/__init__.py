@@ -7,7 +7,8 @@ Public API (everything else is private):
   documents). Each returns a prepared TFDS builder; bad lines raise ``DataError`` or are skipped and
   counted (``on_bad_example``).
 * Read any split, ours or a registered TFDS dataset: ``data_source(builder_or_name, split, data_dir=...)``.
-* Render chats: ``ChatTemplate``, ``RoleFormat``, ``default_template``, ``render_chat``.
+* Render chats: ``ChatTemplate``, ``RoleFormat``, ``default_template``, ``render_chat``; a checkpoint's own
+  (Jinja) chat template through ``chat_template_turns``.
 * Pack: ``LMExample``, ``pack_lm_examples``.
 * Iterate: ``lm_batches`` (packed ``inputs``/``targets``/``loss_mask``/``segment_ids``/``positions``),
   ``classification_batches`` (padded ``input_ids``/``attention_mask``/``label``), both a
@@ -35,6 +36,7 @@ Example:
 """
 
 from train.data._builders import build_jsonl_classification, build_jsonl_instructions, build_text
+from train.data._encode import chat_template_turns
 from train.data._errors import DataError
 from train.data._iterator import BatchIterator, classification_batches, lm_batches
 from train.data._packing import LMExample, pack_lm_examples
@@ -50,6 +52,7 @@ __all__ = [
     "build_jsonl_classification",
     "build_jsonl_instructions",
     "build_text",
+    "chat_template_turns",
     "classification_batches",
     "data_source",
     "default_template",

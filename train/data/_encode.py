@@ -60,6 +60,43 @@ def record_turns(record: Mapping[str, Any]) -> list[tuple[str, str]] | BadExampl
   return pairs
 
 
+def chat_template_turns(render: Callable[[list[dict[str, str]]], str]) -> TurnsFn:
+  """A ``turns_fn`` that renders chat records with a checkpoint's own chat template (e.g. its Jinja one).
+
+  Every message but the last becomes one untrained ``"prompt"`` turn, ``render(messages)``: the
+  template's text up to and including the header of the assistant's answer (its generation prompt).
+  The last message, which must be the assistant's, becomes the trained ``"completion"`` turn, so with
+  ``default_template(end_token)`` an example is ``render(messages[:-1]) | answer | end_token``: exactly
+  the template's own rendering of the whole chat for templates that close a turn with ``end_token``.
+  Only the last assistant message is trained.
+
+  Args:
+    render: messages ``[{"role", "content"}, ...]`` -> prompt text, e.g.
+      ``lambda m: jlora.models.apply_chat_template(path, m, add_generation_prompt=True)``.
+
+  Returns:
+    ``record -> [("prompt", text), ("completion", answer)]``, or a ``BadExample`` (reason
+    ``bad_value``) for a record whose last message is not the assistant's.
+
+  Example:
+    >>> turns = chat_template_turns(lambda m: "".join(f"<{x['role']}>{x['content']}" for x in m) + "<assistant>")
+    >>> turns({"role": [b"user", b"assistant"], "content": [b"hi", b"hello"]})
+    [('prompt', '<user>hi<assistant>'), ('completion', 'hello')]
+  """
+
+  def turns(record: Mapping[str, Any]) -> list[tuple[str, str]] | BadExample:
+    pairs = record_turns(record)
+    if isinstance(pairs, BadExample):
+      return pairs
+    if pairs[-1][0] != "assistant":
+      return BadExample(BAD_VALUE, f"the last message is the {pairs[-1][0]!r} one; a chat rendered with the "
+                        "model's template must end with the assistant's answer")
+    return [("prompt", render([{"role": role, "content": content} for role, content in pairs[:-1]])),
+            ("completion", pairs[-1][1])]
+
+  return turns
+
+
 class LMEncoder:
   """Records -> ``LMExample`` (template rendering + tokenization), or ``BadExample``.
 
