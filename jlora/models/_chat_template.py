@@ -8,6 +8,7 @@ special tokens (``bos_token``, ``eos_token``, ``unk_token``, ``pad_token``) as v
 
 import dataclasses
 import datetime
+import functools
 import json
 import os
 import pathlib
@@ -93,6 +94,12 @@ def _environment() -> jinja2.sandbox.ImmutableSandboxedEnvironment:
   return env
 
 
+@functools.lru_cache(maxsize=16)
+def _compiled(source: str) -> jinja2.Template:
+  """The template compiled once per source: compiling costs milliseconds, rendering microseconds."""
+  return _environment().from_string(source)
+
+
 def apply_chat_template(
     template: ChatTemplate | str | os.PathLike,
     messages: Sequence[Mapping[str, Any]],
@@ -128,7 +135,7 @@ def apply_chat_template(
     template = load_chat_template(template)
   context = {**template.special_tokens, **variables}
   try:
-    compiled = _environment().from_string(template.source)
+    compiled = _compiled(template.source)
     return compiled.render(messages=[dict(m) for m in messages], add_generation_prompt=add_generation_prompt,
                            **context)
   except jinja2.exceptions.TemplateError as e:
