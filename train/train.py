@@ -164,6 +164,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   before = None
   if start == 0:
     before = evaluate(state["trainable"])
+    if task.generation_eval is not None:  # decoding is slow: before training and after the last step only
+      before.update(task.generation_eval(state["trainable"], params, 0))
     writer.write(0, before)
     if is_main:
       print(f"eval before training: {_format(before)}")
@@ -191,6 +193,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     progress.update(step, loss=loss, tokens_per_step=local_tokens * jax.process_count())  # hosts hold equal shares
     if step % config.train.eval_every == 0 or step == total_steps:
       after = evaluate(state["trainable"])
+      if step == total_steps and task.generation_eval is not None:
+        after.update(task.generation_eval(state["trainable"], params, step))
       writer.write(step, after)
     preempted = checkpointer.preempted
     checkpointer.maybe_save(step, state, {"iterator": train_iter.get_state(), "total_steps": total_steps},
@@ -282,6 +286,8 @@ def _export(directory: str, task, params, trainable: dict, step: int) -> str:
   if others:  # first, so that save_adapters' SHA256SUMS manifest covers them
     with ocp.StandardCheckpointer() as checkpointer:
       checkpointer.save(os.path.join(os.path.abspath(partial), "trainable_extras"), others)
+  if task.export_extra is not None and jax.process_index() == 0:  # e.g. a PEFT copy; covered by the manifest too
+    task.export_extra(os.path.abspath(partial), params, trainable)
   jlora.save_adapters(partial, trainable["lora"], task.lora.config,
                       base_fingerprint=jlora.fingerprint(params), extra={**task.metadata, "step": step})
   multihost_utils.sync_global_devices("jlora_export_written")

@@ -31,6 +31,10 @@ class Task:
     eval_batches: a fresh finite iterable of eval batches.
     count_tokens: real (non-padding) tokens in a host batch, for tokens/s.
     metadata: JSON-serialisable facts stored with the exported adapter.
+    generation_eval: optional ``(trainable, params, step) -> {"eval/...": value}``, run before training and
+      after the last step (it decodes, so it is too slow for every eval); its metrics join that step's eval.
+    export_extra: optional ``(directory, params, trainable)``, writing more files (another adapter format)
+      into the adapter export directory before the adapter itself, so its manifest covers them.
   """
 
   lora: jlora.Lora
@@ -43,12 +47,20 @@ class Task:
   eval_batches: Callable[[], Iterable[dict]]
   count_tokens: Callable[[dict], int]
   metadata: dict
+  generation_eval: Callable[[dict, Any, int], dict] | None = None
+  export_extra: Callable[[str, Any, dict], None] | None = None
 
 
 def sharding_rules(path: str, config: ml_collections.ConfigDict) -> sharding.Rules:
   """``config.mesh.rules`` first, then the default rules of the checkpoint's architecture."""
-  with open(os.path.join(path, "config.json")) as f:
-    model = models.model_for_config(models.config_from_hf(json.load(f)))
+  if path.lower().endswith(".gguf"):  # the config.json that the file's metadata stands for
+    from jlora.models._gguf import hf_config_from_gguf, open_gguf  # no public name yet; from_pretrained uses it
+
+    hf_config = hf_config_from_gguf(open_gguf(path))
+  else:
+    with open(os.path.join(path, "config.json")) as f:
+      hf_config = json.load(f)
+  model = models.model_for_config(models.config_from_hf(hf_config))
   return sharding.rules_from_config(config.mesh.rules, sharding.rules_for(model))
 
 

@@ -2,6 +2,12 @@
 
 Rows pack several examples (``segment_ids`` keep attention block-diagonal, ``positions`` restart per
 example); the loss counts only trained tokens (assistant/completion), via ``loss_mask``.
+
+The checkpoint is a Hugging Face directory or a GGUF file (``model.path``, or a file shipped inside a
+pip package: ``model.package`` / ``model.package_file``). Chats render with the Zephyr-style
+``default_template`` or, with ``data.chat_template="model"``, with the checkpoint's own chat template.
+Optional extras: a generation eval on held-out prompts before and after training (``generation_eval``)
+and a PEFT copy of the adapter in ``adapter/peft`` (``export.peft``).
 """
 
 import os
@@ -14,18 +20,27 @@ import optax
 from jax.sharding import Mesh
 
 import jlora
+import jlora.peft
 from jlora import models
 from train import data
-from train.tasks import pydoc_sft
+from train.tasks import gguf_files, pydoc_sft, stdlib_summaries
 from train.tasks.base import Task, load_base, registered_sources
+from train.tasks.generation_eval import GenerationEval, Prompt, spread
 
 
 def _checkpoint(config: ml_collections.ConfigDict, workdir: str) -> str:
   if config.model.path:
     return config.model.path
+  package = config.model.get("package", "")
+  if config.model.create_tiny and package:  # the package file's tokenizer and template, tiny random weights
+    like = gguf_files.package_file(package, config.model.package_file)
+    return gguf_files.create_tiny_gguf(os.path.join(workdir, "tiny_model.gguf"), like=like, seed=config.seed,
+                                       vocab_size=config.model.get("tiny_vocab_size", 0) or None)
   if config.model.create_tiny:
     return pydoc_sft.create_tiny_llama(os.path.join(workdir, "tiny_llama"), seed=config.seed)
-  raise ValueError("Set --config.model.path to a Hugging Face Llama-family checkpoint directory "
+  if package:
+    return gguf_files.package_file(package, config.model.package_file)
+  raise ValueError("Set --config.model.path to a Hugging Face Llama-family checkpoint directory or GGUF file "
                    "(or model.create_tiny=True for a local smoke test).")
 
 
@@ -34,8 +49,13 @@ def _sources(config: ml_collections.ConfigDict, workdir: str) -> dict:
   registered = registered_sources(config)
   if registered is not None:
     return registered
-  source = config.data.source
-  paths = pydoc_sft.write_jsonl(os.path.join(workdir, "data", "raw")) if source == "pydoc_sft" else dict(source)
+  source, raw = config.data.source, os.path.join(workdir, "data", "raw")
+  if source == "pydoc_sft":
+    paths = pydoc_sft.write_jsonl(raw)
+  elif source == "stdlib_summaries":
+    paths = stdlib_summaries.write_jsonl(raw, config.data.validation_fraction)
+  else:
+    paths = dict(source)
   builder = data.build_jsonl_instructions(paths, os.path.join(workdir, "data", "tfds"), name=config.data.name,
                                           on_bad_example=config.data.on_bad_example)
   return {split: data.data_source(builder, split) for split in ("train", "validation")}
@@ -50,6 +70,12 @@ def build(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh) -> Task:
   sources = _sources(config, workdir)
   text_field = config.data.tfds.text_field
   turns_fn = None if text_field == "text" else (lambda record: [("text", record[text_field].decode())])
+  chat_template = config.data.get("chat_template", "")
+  if chat_template == "model":
+    model_template = models.load_chat_template(path)
+    turns_fn = data.chat_template_turns(lambda messages: models.apply_chat_template(model_template, messages))
+  elif chat_template:
+    raise ValueError(f"data.chat_template must be '' (the default template) or 'model', got {chat_template!r}.")
   template = data.default_template(config.data.end_token, config.data.bos_token or None)
   seq_len, micro_batch = config.data.seq_len, config.data.batch_size // config.train.accum_steps
 
@@ -83,6 +109,22 @@ def build(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh) -> Task:
     mean = sums["loss_sum"] / max(sums["weight"], 1.0)
     return {"eval/loss": mean, "eval/perplexity": float(np.exp(min(mean, 50.0)))}
 
+  generation_eval = None
+  if config.get("generation_eval") and config.generation_eval.num_prompts:
+    if chat_template != "model":
+      raise ValueError("generation_eval needs data.chat_template='model' (prompts as the model's template renders "
+                       "them); set generation_eval.num_prompts=0 to switch it off.")
+    generation_eval = GenerationEval(
+        model=model, lora=lora, tokenizer=tokenizer,
+        prompts=_held_out_prompts(sources["validation"], turns_fn, config.generation_eval.num_prompts),
+        workdir=workdir, max_new_tokens=config.generation_eval.max_new_tokens,
+        batch_size=config.generation_eval.batch_size, eos_ids=_end_ids(tokenizer, config.data.end_token, model),
+        shown=config.generation_eval.shown)
+
+  def export_peft(directory: str, params, trainable: dict) -> None:
+    jlora.peft.save_pretrained(os.path.join(directory, "peft"), trainable["lora"], lora.config, model, params=params,
+                               base_model_name_or_path=os.path.abspath(path))
+
   return Task(
       lora=lora,
       params=params,
@@ -94,4 +136,27 @@ def build(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh) -> Task:
       eval_batches=lambda: batches("validation", config.data.eval_batch_size, False, 1),
       count_tokens=lambda batch: int(np.sum(batch["segment_ids"] > 0)),
       metadata={"task": "causal_lm", "base_model": os.path.abspath(path)},
+      generation_eval=generation_eval,
+      export_extra=export_peft if config.get("export") and config.export.peft else None,
   )
+
+
+def _held_out_prompts(source, turns_fn, count: int) -> list[Prompt]:
+  """``count`` held-out chats spread over the split: the rendered prompt, the last user turn, the answer."""
+  prompts = []
+  for index in spread(count, len(source)):
+    record = source[index]
+    turns = turns_fn(record)
+    if not isinstance(turns, list):
+      raise data.DataError(f"held-out example {index} cannot be a generation prompt: {turns}")
+    users = [c.decode() for r, c in zip(record["role"], record["content"]) if r.decode() == "user"]
+    prompts.append(Prompt(label=users[-1] if users else turns[0][1], text=turns[0][1], reference=turns[-1][1]))
+  return prompts
+
+
+def _end_ids(tokenizer, end_token: str, model) -> list[int]:
+  """The template's end-of-turn token and the model's end-of-sequence token(s): either ends an answer."""
+  ids = [tokenizer.token_to_id(end_token)]
+  eos = model.config.eos_token_id
+  ids += list(eos) if isinstance(eos, list | tuple) else [eos]
+  return sorted({i for i in ids if i is not None})
