@@ -1,20 +1,22 @@
-"""The ``jlora`` command line: inspect, validate, merge and convert LoRA adapters, safely.
+"""The ``jlora`` command line: inspect, validate, merge and convert LoRA adapters, safely, and chat with one.
 
     jlora inspect ADAPTER [--base BASE] [--json]
     jlora validate ADAPTER --base BASE [--strict] [--require-manifest] [--allow-missing-fingerprint]
     jlora merge --base BASE --adapter ADAPTER --out OUT [--dtype bfloat16]
     jlora export-peft --base BASE --adapter ADAPTER --out OUT [--base-model-name-or-path ID]
     jlora import-peft --base BASE --adapter PEFT_DIR --out OUT [--allow-missing-fingerprint]
+    jlora chat --base BASE [--adapter ADAPTER] [--prompt TEXT] [--system TEXT] [--max-new-tokens N]
+               [--temperature T] [--top-k K] [--top-p P] [--raw]
 
 ``jlora`` is the console script ``pip install jlora`` installs; ``python -m jlora`` runs the same.
 
 ``BASE`` is a Hugging Face checkpoint directory (``config.json`` + ``*.safetensors``) of a
-``jlora.models`` architecture. ``ADAPTER`` is either a jlora adapter directory (``jlora.save_adapters``:
-``jlora_adapter.json`` + orbax) or a PEFT LoRA directory (``adapter_config.json`` +
-``adapter_model.safetensors``); the kind is detected. Every adapter is loaded through jlora's safety
-checks; a refused adapter exits with status 1 and the reason on stderr. An adapter that stores no
-base fingerprint is refused unless ``--allow-missing-fingerprint`` is given: adapters written by
-Hugging Face PEFT itself store none, so importing one needs the flag.
+``jlora.models`` architecture, or a GGUF file (``*.gguf``: llama, qwen2, gemma). ``ADAPTER`` is either a
+jlora adapter directory (``jlora.save_adapters``: ``jlora_adapter.json`` + orbax) or a PEFT LoRA directory
+(``adapter_config.json`` + ``adapter_model.safetensors``); the kind is detected. Every adapter is loaded
+through jlora's safety checks; a refused adapter exits with status 1 and the reason on stderr. An adapter
+that stores no base fingerprint is refused unless ``--allow-missing-fingerprint`` is given: adapters
+written by Hugging Face PEFT itself store none, so importing one needs the flag.
 """
 
 import argparse
@@ -33,6 +35,8 @@ import numpy as np
 import jlora
 import jlora.peft
 from jlora import models
+from jlora._chat import TextStream, TokenStreamer
+from jlora.models._gguf import hf_config_from_gguf, is_gguf, open_gguf
 
 _SAFETY = """safety checks (all load paths): safetensors/orbax only, never pickle; file, header and JSON size
 caps; float16/bfloat16/float32 only; exactly the tensors and shapes the config and base imply; finite
@@ -64,7 +68,7 @@ def _flat_paths(tree) -> set[str]:
 def _scan_layers_for(base: pathlib.Path, adapter: pathlib.Path, policy: jlora.LoadPolicy) -> bool:
   """The ``scan_layers`` setting whose param paths hold every adapted kernel of a jlora adapter."""
   kernels = {path.rsplit("/", 1)[0] for path in _flat_paths(jlora.adapter_shapes(adapter, policy=policy))}
-  config = models.config_from_hf(json.loads((base / "config.json").read_text()))
+  config = models.config_from_hf(_hf_config(base))
   for scan in (config.scan_layers, not config.scan_layers):
     model = models.model_for_config(dataclasses.replace(config, scan_layers=scan))
     shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]
@@ -72,6 +76,13 @@ def _scan_layers_for(base: pathlib.Path, adapter: pathlib.Path, policy: jlora.Lo
       return scan
   raise jlora.UnsafeAdapterError(f"The adapter at {adapter} adapts parameters that {base} does not have: "
                                  f"{sorted(kernels)[:4]}...")
+
+
+def _hf_config(base: pathlib.Path) -> dict:
+  """The base's ``config.json`` contents; for a GGUF file, what its metadata stands for."""
+  if is_gguf(base):
+    return hf_config_from_gguf(open_gguf(base))
+  return json.loads((base / "config.json").read_text())
 
 
 @dataclasses.dataclass
@@ -244,6 +255,50 @@ def _import_peft(args) -> int:
   return 0
 
 
+def _end_ids(model, tokenizer, template: models.ChatTemplate | None) -> list[int]:
+  """The model's end-of-sequence token(s) and the chat template's ``eos_token`` (its end of turn)."""
+  eos = model.config.eos_token_id
+  ids = list(eos) if isinstance(eos, list | tuple) else [eos]
+  if template is not None and template.special_tokens.get("eos_token"):
+    ids.append(tokenizer.token_to_id(template.special_tokens["eos_token"]))
+  return sorted({i for i in ids if i is not None})
+
+
+def _chat(args) -> int:
+  tokenizer = models.load_tokenizer(args.base)  # first: a base without a tokenizer or template fails fast
+  template = None if args.raw else models.load_chat_template(args.base)
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always", jlora.AdapterNormWarning)
+    if args.adapter:
+      loaded = _load(args.base, args.adapter, _policy(args))
+      model, params, apply_fn = loaded.model, loaded.lora.inject(loaded.params, loaded.adapters), loaded.lora.apply_fn()
+    else:
+      model, params = models.from_pretrained(args.base)
+      apply_fn = model.apply
+  _warned(caught)
+  streamer = TokenStreamer(model, apply_fn)
+  eos_ids, rng = _end_ids(model, tokenizer, template), jax.random.key(args.seed)
+  messages = [{"role": "system", "content": args.system}] if args.system else []
+  prompts = [args.prompt] if args.prompt is not None else (line.rstrip("\n") for line in sys.stdin)
+  for prompt in prompts:
+    if not prompt.strip():
+      continue
+    if template is None:
+      ids = tokenizer.encode(prompt).ids  # the tokenizer's own special tokens (e.g. BOS), as for plain text
+    else:  # the rendered template holds its special tokens already, as transformers' apply_chat_template
+      messages.append({"role": "user", "content": prompt})
+      ids = tokenizer.encode(models.apply_chat_template(template, messages), add_special_tokens=False).ids
+    rng, key = jax.random.split(rng)
+    text = TextStream(tokenizer)
+    for token in streamer.stream_tokens(params, ids, max_new_tokens=args.max_new_tokens, eos_ids=eos_ids,
+                                        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, rng=key):
+      print(text.push(token), end="", flush=True)
+    print(text.flush(), flush=True)
+    if template is not None:  # the answer joins the conversation the next prompt continues
+      messages.append({"role": "assistant", "content": text.text})
+  return 0
+
+
 # --- argument parsing -------------------------------------------------------------------------------------
 
 
@@ -261,7 +316,7 @@ def _parser() -> argparse.ArgumentParser:
   def base(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("--base", required=required, help="Hugging Face checkpoint directory of the base model "
                                                      "(config.json + *.safetensors; llama, mistral, qwen2, gemma, "
-                                                     "gpt2 or bert).")
+                                                     "gpt2 or bert), or a GGUF file (llama, qwen2, gemma).")
 
   def strictness(p: argparse.ArgumentParser) -> None:
     p.add_argument("--strict", action="store_true", help="refuse adapters whose update norms are flagged "
@@ -333,6 +388,24 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--out", required=True, help="output directory for the jlora adapter")
   strictness(p)
   p.set_defaults(run=_import_peft)
+
+  p = command("chat", "answer prompts with a base model (GGUF file or HF directory) and an adapter, streaming",
+              "Loads the base and, with --adapter, a jlora or PEFT adapter through the safety checks (the adapter "
+              "is applied, not merged), renders the prompt with the base's chat template and prints the answer "
+              "token by token as it is decoded (KV cache; greedy unless --temperature > 0). The prompt is --prompt, "
+              "or else every line of stdin in turn as one conversation (type lines, end with Ctrl-D).")
+  base(p)
+  p.add_argument("--adapter", help="jlora or PEFT adapter directory (default: the base alone)")
+  p.add_argument("--prompt", help="the user's message (default: read lines from stdin)")
+  p.add_argument("--system", help="a system message before the conversation")
+  p.add_argument("--raw", action="store_true", help="no chat template: the prompt is plain text to continue")
+  p.add_argument("--max-new-tokens", type=int, default=256, help="the most tokens per answer (default 256)")
+  p.add_argument("--temperature", type=float, default=0.0, help="0 (default) for greedy decoding, else sampling")
+  p.add_argument("--top-k", type=int, help="sample among the k most likely tokens only")
+  p.add_argument("--top-p", type=float, help="sample within the nucleus of this probability mass")
+  p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+  strictness(p)
+  p.set_defaults(run=_chat)
   return parser
 
 

@@ -1,5 +1,6 @@
 """The jlora command line (jlora.cli; `jlora` / `python -m jlora`), end to end in subprocesses on saved adapters."""
 
+import io
 import json
 import os
 import pathlib
@@ -8,8 +9,10 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_models_gguf import byte_level_vocabulary, write_gguf
 from test_models_references import save_hf, tiny_hf_model
 from test_safe_load import random_like
 
@@ -34,10 +37,10 @@ def saved(tmp_path_factory):
   return root, model, params, lora, adapters
 
 
-def _start(*args: str) -> subprocess.Popen:
+def _start(*args: str, stdin=None) -> subprocess.Popen:
   env = {**os.environ, "HF_HUB_OFFLINE": "1", "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "3"}
   return subprocess.Popen([sys.executable, "-m", "jlora", *map(str, args)], cwd=ROOT, env=env, text=True,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                          stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
 def _finish(process: subprocess.Popen) -> tuple[int, str, str]:
@@ -150,7 +153,7 @@ def test_help_explains_every_command(capsys):
     cli.main(["--help"])
   assert exit_info.value.code == 0
   out = capsys.readouterr().out
-  for command in ("inspect", "validate", "merge", "export-peft", "import-peft"):
+  for command in ("inspect", "validate", "merge", "export-peft", "import-peft", "chat"):
     assert command in out
     with pytest.raises(SystemExit):
       cli.main([command, "--help"])
@@ -159,3 +162,102 @@ def test_help_explains_every_command(capsys):
   with pytest.raises(SystemExit) as exit_info:
     cli.main(["merge", "--base", "x"])
   assert exit_info.value.code == 2
+
+
+# --- jlora chat -----------------------------------------------------------------------------------------------
+
+CHAT_TOKENS = 10
+
+
+@pytest.fixture(scope="module")
+def chat_bases(tmp_path_factory):
+  """One tiny Qwen2 model as a GGUF file and as an HF directory (tokenizer.json and a chat template in
+  tokenizer_config.json), a random adapter saved in PEFT's format for the first and jlora's for the second."""
+  root = tmp_path_factory.mktemp("chat")
+  vocabulary = byte_level_vocabulary()
+  hf_model = tiny_hf_model("qwen2", vocab_size=len(vocabulary["tokens"]), matrix_noise=0.3, tie_word_embeddings=True)
+  gguf_file = root / "tiny.gguf"
+  write_gguf(gguf_file, "qwen2", hf_model, {}, vocabulary)
+  hf_dir = pathlib.Path(save_hf(hf_model, root / "hf"))
+  models.load_tokenizer(gguf_file).save(str(hf_dir / "tokenizer.json"))
+  (hf_dir / "tokenizer_config.json").write_text(json.dumps({"chat_template": vocabulary["template"],
+                                                            "eos_token": "<|im_end|>"}))
+  config = jlora.LoraConfig(targets=r".*/(q_proj|v_proj|down_proj)/kernel", rank=4, alpha=8.0)
+  bases = {}
+  for name, base in (("gguf", gguf_file), ("hf", hf_dir)):
+    model, params = models.from_pretrained(base)
+    lora = jlora.Lora(model, config)
+    adapters = random_like(jax.eval_shape(lora.init, jax.random.key(0), params, TOKENS), seed=5, scale=0.3)
+    if name == "gguf":
+      adapter = root / "peft"
+      jlora.peft.save_pretrained(adapter, adapters, config, model, params=params, base_model_name_or_path=str(base))
+    else:
+      adapter = root / "jlora"
+      jlora.save_adapters(adapter, adapters, config, base_fingerprint=jlora.fingerprint(params))
+    bases[name] = dict(base=base, adapter=adapter, model=model, params=params, lora=lora, adapters=adapters)
+  return bases
+
+
+def _greedy_answers(case: dict, prompts: list[str]) -> list[str]:
+  """The reference: each turn's answer by jlora.models.generate (one jitted while_loop), the conversation growing."""
+  tokenizer, template = models.load_tokenizer(case["base"]), models.load_chat_template(case["base"])
+  end = tokenizer.token_to_id("<|im_end|>")
+  params, lora = case["lora"].inject(case["params"], case["adapters"]), case["lora"]
+  messages, answers = [], []
+  for prompt in prompts:
+    messages.append({"role": "user", "content": prompt})
+    ids = tokenizer.encode(models.apply_chat_template(template, messages), add_special_tokens=False).ids
+    out = models.generate(case["model"], params, jnp.asarray([ids]), max_new_tokens=CHAT_TOKENS, eos_token_id=end,
+                          apply_fn=lora.apply_fn())
+    new = np.asarray(out)[0, len(ids):].tolist()
+    answer = tokenizer.decode(new[:new.index(end)] if end in new else new, skip_special_tokens=True)
+    messages.append({"role": "assistant", "content": answer})
+    answers.append(answer)
+  return answers
+
+
+def test_chat_subprocess_gguf_base_peft_adapter_multi_turn(chat_bases):
+  case = chat_bases["gguf"]
+  prompts = ["the quick brown fox", "def main(): return 42"]
+  process = _start("chat", "--base", case["base"], "--adapter", case["adapter"], "--max-new-tokens", CHAT_TOKENS,
+                   stdin=subprocess.PIPE)
+  out, err = process.communicate("\n".join(prompts) + "\n", timeout=300)
+  assert process.returncode == 0, err
+  expected = _greedy_answers(case, prompts)
+  assert all(answer.strip() for answer in expected)  # the check below compares real text
+  assert out == "".join(answer + "\n" for answer in expected)
+
+
+class _Writes(io.StringIO):
+  """stdout that remembers each write."""
+
+  def __init__(self):
+    super().__init__()
+    self.pieces = []
+
+  def write(self, text):
+    self.pieces.append(text)
+    return super().write(text)
+
+
+def test_chat_streams_token_by_token_hf_directory_jlora_adapter(chat_bases, monkeypatch):
+  case = chat_bases["hf"]
+  stdout = _Writes()
+  monkeypatch.setattr(sys, "stdout", stdout)
+  assert cli.main(["chat", "--base", str(case["base"]), "--adapter", str(case["adapter"]), "--prompt",
+                   "naïve café", "--max-new-tokens", str(CHAT_TOKENS)]) == 0
+  (expected,) = _greedy_answers(case, ["naïve café"])
+  assert stdout.getvalue() == expected + "\n"
+  pieces = [piece for piece in stdout.pieces if piece]
+  assert len(pieces) >= 4 and "".join(pieces) == expected + "\n"  # printed as decoded, not all at the end
+
+
+def test_chat_refuses_a_base_without_tokenizer_or_template(saved, chat_bases, tmp_path, capsys):
+  root, *_ = saved
+  assert cli.main(["chat", "--base", str(root / "base"), "--prompt", "hi"]) == 1  # an HF dir without tokenizer.json
+  assert "No tokenizer.json" in capsys.readouterr().err
+  bare = tmp_path / "bare"
+  shutil.copytree(chat_bases["hf"]["base"], bare)
+  (bare / "tokenizer_config.json").unlink()
+  assert cli.main(["chat", "--base", str(bare), "--prompt", "hi"]) == 1
+  assert "has no chat template" in capsys.readouterr().err
