@@ -34,7 +34,7 @@ from jlora._safety import (
   write_manifest,
 )
 from jlora._safety._regex import check_regex
-from jlora.variants import FAMILIES
+from jlora.variants import FAMILIES, TRAINABLE_LEAVES, variant_for
 
 _METADATA = "jlora_adapter.json"
 _FORMAT = "jlora-adapter/1"
@@ -186,13 +186,18 @@ def _check_files(directory: pathlib.Path, policy: LoadPolicy) -> list[str]:
 def _check_config_describes(config: LoraConfig, tree: Mapping, params: Mapping | None, lora: Any, where: str) -> None:
   """The stored LoraConfig must describe the restored tree, or it would be returned for adapters it does not fit.
 
-  Every adapted kernel of ``tree`` (a ``lora_a`` leaf's parent, whose last axis is the rank) must be a
-  target of ``config`` with that rank. Given the caller's traced ``lora`` (and ``params``), ``config``
+  Every adapter node of ``tree`` must hold exactly the leaves of the config's variant (a DoRA tree is not
+  described by a plain LoRA config), and every adapted kernel (a ``lora_a`` leaf's parent, whose last axis is
+  the rank) must be a target of ``config`` with that rank. Given the caller's traced ``lora`` (and ``params``), ``config``
   must also select exactly ``lora``'s kernels with the same ranks and scales: the norm report and the
   caller's computation use those.
   """
   ranks = {_paths.join(path[:-1]): leaf.shape[-1] for path, leaf in _paths.iter_leaves(tree) if path[-1] == "lora_a"}
-  problems = [f"{kernel} is not a target" if not config.matches(kernel) else
+  leaves = set(variant_for(config).leaf_names)
+  problems = [f"{_paths.join(path)} has leaves {sorted(node)}, a {variant_for(config).name} adapter {sorted(leaves)}"
+              for path, node in _paths.iter_dicts(tree, lambda d: bool(set(TRAINABLE_LEAVES) & set(d)))
+              if set(node) != leaves]
+  problems += [f"{kernel} is not a target" if not config.matches(kernel) else
               f"{kernel} has rank {rank}, the config says {config.rank_for(kernel)}"
               for kernel, rank in sorted(ranks.items())
               if not config.matches(kernel) or config.rank_for(kernel) != rank]

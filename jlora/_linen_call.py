@@ -83,9 +83,11 @@ def linen_call(module: nn.Module, method: str, binding, base: Callable, args: tu
         outputs["base"] = base(*args, **kwargs)
       out = outputs["base"]
     else:
+      # A compact linen method can run once per call (its params are claimed): further runs are functional.
       call_args, call_kwargs = with_input(args, kwargs, name, transform(get_input(args, kwargs, name)))
-      out = base(*call_args, **call_kwargs)
+      out = functional(module, method)(own_params(module), *call_args, **call_kwargs)
     outputs.setdefault("dtype", out.dtype)
+    outputs.setdefault("ndim", out.ndim)
     return out
 
   def low_rank(a, b):
@@ -101,7 +103,9 @@ def linen_call(module: nn.Module, method: str, binding, base: Callable, args: tu
     if method == "attend":
       raise ValueError("features() of a transposed call: its output axes are the kernel's input axes.")
     if target.kind in TRAILING_FEATURES:
-      return jnp.asarray(v)
+      ndim = outputs["ndim"] if "ndim" in outputs else base_call().ndim
+      v = jnp.asarray(v)
+      return v.reshape((1,) * (ndim - v.ndim) + v.shape)
     return probe_features(lambda a, b, input_fn: low_rank_with(a, b, input_fn, jnp.float32), layout, v)
 
   def bias():
@@ -120,15 +124,35 @@ def _bias(module: nn.Module, method: str, args: tuple, kwargs: dict, outputs: di
   module's output, kept as ``base()``) and the bias placed where the module adds it, at the cost of one
   product: the kernel product has a zero tangent, which JAX never computes.
   """
-  own = {k: v for k, v in module.variables.get("params", {}).items() if not isinstance(v, Mapping)}
+  own = own_params(module)
   if "bias" not in own:
     return 0.0
-  unbound = module.clone(parent=None, name=None)
+  apply = functional(module, method)
 
   def run(bias):
-    return unbound.apply({"params": {**own, "bias": bias}}, *args, method=method, **kwargs)
+    return apply({**own, "bias": bias}, *args, **kwargs)
 
   out, placed = jax.jvp(run, (own["bias"],), (own["bias"],))
   outputs.setdefault("base", out)
   outputs.setdefault("dtype", out.dtype)
+  outputs.setdefault("ndim", out.ndim)
   return placed
+
+
+def own_params(module: nn.Module) -> dict:
+  """The module's own params (not its submodules', nor jlora's adapter slots)."""
+  return {k: v for k, v in module.variables.get("params", {}).items() if not isinstance(v, Mapping)}
+
+
+def functional(module: nn.Module, method: str) -> Callable:
+  """``(params, *args, **kwargs) -> y``: the module's method re-run on given params, as a fresh unbound module.
+
+  Run inside the interceptor's context, so a quantized kernel in ``params`` is dequantized as in the module's
+  own call; with no adapter slot in ``params``, no adapter is added.
+  """
+  unbound = module.clone(parent=None, name=None)
+
+  def run(params, *args, **kwargs):
+    return unbound.apply({"params": params}, *args, method=method, **kwargs)
+
+  return run

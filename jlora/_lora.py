@@ -17,7 +17,7 @@ from jlora._linen_bindings import binding_for
 from jlora._linen_call import linen_call
 from jlora._summary import Summary, summarize
 from jlora._targets import Target, find_targets
-from jlora._variant import STATE_KEY, Variant, leaf_shapes
+from jlora._variant import STATE_KEY, Variant, leaf_shapes, split_state
 from jlora.quant._call import module_call
 from jlora.quant._quantized import is_quantized
 from jlora.quant._tree import logical_shapes
@@ -341,10 +341,3 @@ def check_variant(config: LoraConfig, variant: Variant | None) -> Variant:
     raise JloraError(f"variant={variant.name!r} was given, but the LoraConfig describes {described.name!r}: the config "
                      "selects the variant (use_dora=..., variant=...), so a saved config rebuilds the same adapter.")
   return described
-
-
-def split_state(params: Mapping) -> tuple[Mapping, Mapping | None]:
-  """``(params without the variants' shared frozen state, that state)``; see ``jlora.Variant``."""
-  if STATE_KEY not in params:
-    return params, None
-  return {k: v for k, v in params.items() if k != STATE_KEY}, params[STATE_KEY]

@@ -133,3 +133,10 @@ def leaf_shapes(variant: Variant, target: Target) -> dict[str, tuple[int, ...]]:
   shape = target.layout.shape
   return {name: target.stack_shape + tuple(target.rank if i is None else shape[i] for i in axes)
           for name, axes in variant.leaves(target).items()}
+
+
+def split_state(params: Mapping) -> tuple[Mapping, Mapping | None]:
+  """``(params without the variants' shared frozen state, that state)`` (see the module docstring)."""
+  if STATE_KEY not in params:
+    return params, None
+  return {k: v for k, v in params.items() if k != STATE_KEY}, params[STATE_KEY]

@@ -275,3 +275,64 @@ def assert_tolerance_rejects(want, wrong: dict, *, rtol: float, atol: float) -> 
     distance = np.abs(np.asarray(value, np.float64) - want)
     excess = np.where(np.isnan(distance), np.inf, distance) - (atol + rtol * np.abs(want))
     assert excess.max() > 0, f"{name} passes rtol={rtol}, atol={atol}: the tolerance cannot tell it from right"
+
+
+# --- every variant of the family ----------------------------------------------------------------------------------
+
+# The LoraConfig options that select each variant the conformance suite runs (DoRA; PiSSA/OLoRA start from the
+# kernel and rewrite the base; every other option as in the LoRA suite).
+VARIANTS = {"lora": {}, "dora": {"use_dora": True}, "pissa": {"init": "pissa"}, "olora": {"init": "olora"}}
+
+
+def _roles(layout, n_stack):
+  """Einsum letters of a kernel's axes (stack, batch, in, out) and of its native order."""
+  letters = iter("abcdefghijklmnopstuvwxyz")  # no r: the rank
+  stack = "".join(next(letters) for _ in range(n_stack))
+  batch, ins, outs = ("".join(next(letters) for _ in axes) for axes in (layout.batch_axes, layout.in_axes,
+                                                                         layout.out_axes))
+  role = dict(zip(layout.batch_axes + layout.in_axes + layout.out_axes, batch + ins + outs))
+  return stack, batch, ins, outs, stack + "".join(role[i] for i in range(len(layout.shape)))
+
+
+def np_delta(a, b, layout):
+  """``A @ B`` over the rank, in the kernel's own axis order (float64 numpy; leading stack axes kept)."""
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  stack, batch, ins, outs, native = _roles(layout, a.ndim - len(layout.batch_axes) - len(layout.in_axes) - 1)
+  return np.einsum(f"{stack}{batch}{ins}r,{stack}{batch}r{outs}->{native}", a, b)
+
+
+def np_dora_kernel(w, node, s, layout):
+  """DoRA's merged kernel in float64 numpy: ``(m / ||W + s A@B||) ⊙ (W + s A@B)``, the norm per output feature
+  over the kernel's input axes (``layout`` names them; leading stack axes are per-layer)."""
+  w = np.asarray(w, np.float64)
+  m = np.asarray(node["lora_magnitude"], np.float64)
+  stack, batch, ins, outs, native = _roles(layout, w.ndim - len(layout.shape))
+  v = w + s * np_delta(node["lora_a"], node["lora_b"], layout)
+  norm = np.sqrt(np.einsum(f"{native},{native}->{stack}{batch}{outs}", v, v))
+  g = np.einsum(f"{stack}{batch}{outs}->{''.join(c for c in native if c not in ins)}", m / norm)
+  return v * np.expand_dims(g, tuple(i for i, c in enumerate(native) if c in ins))
+
+
+def _set(tree, path, value):
+  head, *rest = path
+  return {**tree, head: _set(tree[head], rest, value) if rest else value}
+
+
+def variant_reference(reference, variant, layouts):
+  """The case's numpy reference for ``variant``: LoRA's own formula for LoRA and PiSSA/OLoRA (which differ only in
+  where they start), and for DoRA the plain base formula on DoRA's merged kernels (``layouts``: ``{kernel path:
+  KernelLayout}``, the paths relative to the case's params)."""
+  if variant != "dora":
+    return reference
+
+  def dora(p, a, s, *inputs):
+    p = _np(p)
+    for path, layout in layouts.items():
+      keys = path.split("/")
+      node, w = a, p
+      for k in keys:
+        node, w = node[k], w[k]
+      p = _set(p, keys, np_dora_kernel(w, node, s, layout))
+    return reference(p, a, 0.0, *inputs)
+
+  return dora

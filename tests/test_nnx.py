@@ -1,8 +1,10 @@
-"""jlora.nnx: the conformance suite for flax.nnx model surgery, against numpy re-derivations.
+"""jlora.nnx: the conformance suite for flax.nnx model surgery, against numpy re-derivations, for every variant.
 
 Every reference below re-derives ``base(x) + s * (x @ A) @ B`` by hand in float64 numpy from the
 model's own variables (plain einsums, explicit convolution loops), with the scale ``s`` written out
-per path; none of it calls jlora.
+per path; none of it calls jlora. DoRA's reference is the same base formula on DoRA's merged kernels
+(``_cases.np_dora_kernel``). PiSSA/OLoRA compute LoRA's formula on the residual base, so they run the
+properties of their own (the state surgery leaves, identity at init, merging) and share LoRA's runs of the rest.
 """
 
 import dataclasses
@@ -16,11 +18,12 @@ import numpy as np
 import optax
 import pytest
 from _cases import CASES as LINEN_CASES
-from _cases import _np_conv_same_stride2, assert_tolerance_rejects
+from _cases import VARIANTS, _np_conv_same_stride2, assert_tolerance_rejects, np_delta, np_dora_kernel
 from flax import nnx
 
 import jlora
 import jlora.nnx
+from jlora import KernelLayout
 from jlora.nnx import LoraParam
 
 RANK, ALPHA = 2, 6.0
@@ -28,6 +31,9 @@ SCALE = ALPHA / RANK
 # Float32 adapter math over a bf16 base matches the float64 re-derivation from the same bf16 weights and float32
 # factors to ~2e-6; rounding A and B to bf16 or a scale 1% off moves the output by >= 1e-2 (checked in the test).
 BF16_BASE_TOL = dict(rtol=2e-5, atol=2e-5)
+# Other variants are the identity at init up to float32 rounding (see tests/test_lora.py's IDENTITY_TOL).
+IDENTITY_TOL = dict(rtol=1e-5, atol=1e-5)
+BASE_REWRITING = ("pissa", "olora")
 
 
 def _rand(shape, seed):
@@ -200,6 +206,7 @@ class Case:
   # (weights, {kernel path: scale}, *inputs) -> expected output, numpy float64
   reference: Callable
   config: dict = dataclasses.field(default_factory=dict)
+  variant: str = "lora"
 
   @property
   def scales(self):
@@ -232,12 +239,59 @@ CASES = [
 ]
 
 
-@pytest.fixture(params=CASES, ids=lambda c: c.name)
+def _ids(case):
+  return f"{case.name}-{case.variant}"
+
+
+@pytest.fixture(params=[dataclasses.replace(c, variant=v) for v in VARIANTS for c in CASES], ids=_ids)
 def case(request):
+  """Every case under every variant."""
+  return request.param
+
+
+# PiSSA/OLoRA share LoRA's runs of the properties that do not depend on where the factors start.
+@pytest.fixture(params=[dataclasses.replace(c, variant=v) for v in VARIANTS if v not in BASE_REWRITING for c in CASES],
+                ids=_ids)
+def computing(request):
+  """Every case under every variant that computes its own formula (LoRA, DoRA)."""
   return request.param
 
 
 _BASES = {}
+_LAYOUTS = {}
+
+
+def _layouts(case) -> dict:
+  """``{kernel path: KernelLayout}`` of the case's adapted kernels (from one surgery on a clone, once per case)."""
+  if case.name not in _LAYOUTS:
+    model = nnx.clone(_base(case)[0])
+    config = jlora.LoraConfig(targets=case.targets, **{"rank": RANK, "alpha": ALPHA, **case.config})
+    jlora.nnx.apply_lora(model, config, rngs=nnx.Rngs(params=1))
+    _LAYOUTS[case.name] = {m.lora_target.path: m.lora_target.layout for _, m in nnx.iter_modules(model)
+                           if hasattr(m, "lora_target")}
+  return _LAYOUTS[case.name]
+
+
+def _reference(case) -> Callable:
+  """The case's numpy reference for its variant: DoRA's is the base formula on its merged kernels."""
+  if case.variant != "dora":
+    return case.reference
+  layouts = _layouts(case)
+
+  def copy(tree):
+    return {k: copy(v) if isinstance(v, dict) else v for k, v in tree.items()}
+
+  def dora(weights, scales, *inputs):
+    weights = copy(weights)
+    for path, layout in layouts.items():
+      *owner_keys, name = path.split("/")
+      owner = weights
+      for key in owner_keys:
+        owner = owner[int(key) if key.isdigit() else key]
+      owner[name] = np_dora_kernel(owner[name], owner, scales[path], layout)
+    return case.reference(weights, {k: 0.0 for k in scales}, *inputs)
+
+  return dora
 
 
 def _base(case, dtype=None):
@@ -255,16 +309,24 @@ def _setup(case, *, dtype=None, **config_kwargs):
   base, base_out = _base(case, dtype)
   model = nnx.clone(base)
   base_params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-  config = jlora.LoraConfig(targets=case.targets, **{"rank": RANK, "alpha": ALPHA, **case.config, **config_kwargs})
+  config = jlora.LoraConfig(targets=case.targets, **{"rank": RANK, "alpha": ALPHA, **case.config,
+                                                      **VARIANTS[case.variant], **config_kwargs})
   paths = jlora.nnx.apply_lora(model, config, rngs=nnx.Rngs(params=1, dropout=2))
   return model, base_out, base_params, paths
 
 
 def _randomize(model, seed=3):
-  """B = 0 hides bugs: give every adapter factor random values."""
+  """B = 0 hides bugs: give every adapter factor random values (DoRA's magnitude: its init, perturbed, kept
+  positive)."""
   rng = np.random.default_rng(seed)
-  nnx.update(model, jax.tree.map(lambda v: jnp.asarray(0.5 * rng.normal(size=v.shape), v.dtype),
-                                 nnx.state(model, LoraParam)))
+
+  def randomize(path, v):
+    noise = rng.normal(size=v.shape)
+    return jnp.asarray(v * np.exp(0.3 * noise) if path[-1] == "lora_magnitude" else 0.5 * noise, v.dtype)
+
+  state = nnx.state(model, LoraParam)
+  nnx.update(model, nnx.from_flat_state([(path, v.replace(randomize(path, v.get_value())))
+                                         for path, v in nnx.to_flat_state(state)]))
 
 
 def _flat(state) -> dict:
@@ -286,29 +348,59 @@ def test_adapter_state(case):
   for path, (a_shape, b_shape, _) in case.adapters.items():
     owner = path.rsplit("/", 1)[0]
     expected[f"{owner}/lora_a"], expected[f"{owner}/lora_b"] = a_shape, b_shape
+    if case.variant == "dora":  # a magnitude per output feature: the kernel's batch and output axes
+      layout = _layouts(case)[path]
+      expected[f"{owner}/lora_magnitude"] = tuple(layout.shape[i] for i in layout.batch_axes + layout.out_axes)
   assert {k: v.shape for k, v in adapters.items()} == expected
+  params = _flat(nnx.state(model, nnx.Param))
+  base_flat = {"/".join(map(str, path)): v for path, v in nnx.to_flat_state(nnx.state(_base(case)[0], nnx.Param))}
   for key, value in adapters.items():
     assert value.dtype == jnp.float32
-    assert np.any(np.asarray(value)) == key.endswith("lora_a"), key  # A random, B zero
-  # The frozen base is exactly what it was: same paths, same bits, no adapter leaves.
-  chex.assert_trees_all_equal(nnx.to_pure_dict(nnx.state(model, nnx.Param)), base_params)
+    if case.variant in BASE_REWRITING:
+      assert np.any(np.asarray(value)), key  # both factors start from the kernel
+    elif not key.endswith("lora_magnitude"):
+      assert np.any(np.asarray(value)) == key.endswith("lora_a"), key  # A random, B zero
+  for path in case.adapters:
+    owner = path.rsplit("/", 1)[0]
+    if case.variant == "dora":  # m starts at the column norms of W over its input axes
+      layout = _layouts(case)[path]
+      w = np.asarray(params[path], np.float64)
+      norms = np.sqrt(np.sum(w * w, axis=layout.in_axes))
+      np.testing.assert_allclose(adapters[f"{owner}/lora_magnitude"], norms, rtol=1e-6)
+    if case.variant in BASE_REWRITING:  # the kernel is the residual: W - s A@B
+      delta = np_delta(adapters[f"{owner}/lora_a"], adapters[f"{owner}/lora_b"], _layouts(case)[path])
+      assert np.abs(delta).max() > 1e-2, "the factors start from the kernel"
+      np.testing.assert_allclose(np.asarray(params[path], np.float64) + case.scales[path] * delta,
+                                 base_flat[path].get_value(), rtol=1e-5, atol=1e-5)
+  if case.variant in BASE_REWRITING:
+    # Only the targeted kernels changed.
+    for path, value in params.items():
+      assert (path in case.adapters) != np.array_equal(value, base_flat[path].get_value()), path
+  else:
+    # The frozen base is exactly what it was: same paths, same bits, no adapter leaves.
+    chex.assert_trees_all_equal(nnx.to_pure_dict(nnx.state(model, nnx.Param)), base_params)
 
 
 def test_identity_at_init(case):
   model, base_out, _, _ = _setup(case)
-  chex.assert_trees_all_equal(model(*case.inputs), base_out)
+  if case.variant == "lora":
+    chex.assert_trees_all_equal(model(*case.inputs), base_out)
+  else:
+    chex.assert_trees_all_close(model(*case.inputs), base_out, **IDENTITY_TOL)
 
 
-def test_matches_numpy_formula(case):
+def test_matches_numpy_formula(computing):
+  case = computing
   model, base_out, _, _ = _setup(case)
   _randomize(model)
   got = model(*case.inputs)
-  want = case.reference(_weights(model), case.scales, *case.inputs)
+  want = _reference(case)(_weights(model), case.scales, *case.inputs)
   assert np.abs(np.asarray(base_out) - want).max() > 1e-2, "the adapter must change the output"
   np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=1e-5, atol=1e-5)
 
 
-def test_optimizer_trains_only_adapters(case):
+def test_optimizer_trains_only_adapters(computing):
+  case = computing
   model, _, base_params, _ = _setup(case)
   _randomize(model)
   before = _flat(nnx.state(model, LoraParam))
@@ -339,7 +431,8 @@ def test_optimizer_trains_only_adapters(case):
   assert all(v.size == 1 for v in opt_leaves if not v.ndim)
 
 
-def test_jit_equals_eager(case):
+def test_jit_equals_eager(computing):
+  case = computing
   model, _, _, _ = _setup(case)
   _randomize(model)
   eager = model(*case.inputs)
@@ -348,13 +441,14 @@ def test_jit_equals_eager(case):
 
 
 def test_merge_unmerge_and_merged_copy(case):
-  model, _, base_params, _ = _setup(case)
+  model, _, _, _ = _setup(case)
   _randomize(model)
   adapted_out = model(*case.inputs)
+  base_params = nnx.to_pure_dict(nnx.state(model, nnx.Param))  # PiSSA/OLoRA: the residual base
 
+  base_flat = _flat(nnx.state(model, nnx.Param))
   jlora.nnx.merge(model)
   merged = _flat(nnx.state(model, nnx.Param))
-  base_flat = _flat(nnx.state(_base(case)[0], nnx.Param))
   for path in merged:
     # Exactly the targeted kernels change.
     assert (path in case.adapters) != np.array_equal(merged[path], base_flat[path]), path
@@ -374,22 +468,24 @@ def test_merge_unmerge_and_merged_copy(case):
   chex.assert_trees_all_close(model(*case.inputs), adapted_out, rtol=1e-5, atol=1e-5)
 
 
-def test_bf16_base_with_fp32_adapters(case):
+def test_bf16_base_with_fp32_adapters(computing):
+  case = computing
   model, _, _, _ = _setup(case, dtype=jnp.bfloat16)
   assert all(v.dtype == jnp.float32 for v in jax.tree.leaves(nnx.state(model, LoraParam)))
   _randomize(model)
   got = model(*case.inputs)
   assert got.dtype == jnp.float32
   weights = _weights(model)
-  want = case.reference(weights, case.scales, *case.inputs)
+  reference = _reference(case)
+  want = reference(weights, case.scales, *case.inputs)
   np.testing.assert_allclose(np.asarray(got, np.float64), want, **BF16_BASE_TOL)
   factors_bf16 = {"lora_a", "lora_b"}
   rounded = jax.tree_util.tree_map_with_path(
       lambda path, v: np.asarray(v.astype(np.float32).astype(jnp.bfloat16), np.float64)
       if path[-1].key in factors_bf16 else v, weights)
   assert_tolerance_rejects(want, {
-      "A and B rounded to bf16": case.reference(rounded, case.scales, *case.inputs),
-      "a scale 1% off": case.reference(weights, {k: 1.01 * s for k, s in case.scales.items()}, *case.inputs),
+      "A and B rounded to bf16": reference(rounded, case.scales, *case.inputs),
+      "a scale 1% off": reference(weights, {k: 1.01 * s for k, s in case.scales.items()}, *case.inputs),
   }, **BF16_BASE_TOL)
 
   grads = nnx.eval_shape(nnx.grad(lambda m: jnp.sum(m(*case.inputs).astype(jnp.float32)),
@@ -670,6 +766,7 @@ def test_linen_modules_are_pointed_to_jlora_lora():
 # --- the same as linen --------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("variant", ["lora", "dora"])
 @pytest.mark.parametrize("linen_name, nnx_name", [
     ("dense", "linear"),
     ("dense_general", "linear_general_multi_axis"),
@@ -679,17 +776,19 @@ def test_linen_modules_are_pointed_to_jlora_lora():
     ("conv", "conv_strided"),
     ("embed_tied", "embed_tied"),
 ])
-def test_same_output_and_adapter_layout_as_linen(linen_name, nnx_name):
+def test_same_output_and_adapter_layout_as_linen(linen_name, nnx_name, variant):
   """Same weights, same adapters: jlora.Lora on the linen model and jlora.nnx on its nnx twin agree."""
   linen_case = next(c for c in LINEN_CASES if c.name == linen_name)
   nnx_case = next(c for c in CASES if c.name == nnx_name)
-  config = jlora.LoraConfig(targets=linen_case.targets, rank=RANK, alpha=ALPHA)
+  config = jlora.LoraConfig(targets=linen_case.targets, rank=RANK, alpha=ALPHA, **VARIANTS[variant])
   inputs = linen_case.inputs
   params = linen_case.model.init(jax.random.key(0), *inputs)["params"]
   lora = jlora.Lora(linen_case.model, config)
   adapters = lora.init(jax.random.key(1), params, *inputs)
   rng = np.random.default_rng(4)
-  adapters = jax.tree.map(lambda v: jnp.asarray(0.5 * rng.normal(size=v.shape), v.dtype), adapters)
+  adapters = jax.tree_util.tree_map_with_path(
+      lambda path, v: jnp.asarray(v * np.exp(0.3 * rng.normal(size=v.shape)) if path[-1].key == "lora_magnitude"
+                                  else 0.5 * rng.normal(size=v.shape), v.dtype), adapters)
 
   model = nnx.clone(_base(nnx_case)[0])
   assert jlora.nnx.apply_lora(model, config, rngs=nnx.Rngs(1)) == list(lora.targets)
@@ -749,20 +848,30 @@ def _ref_scanned(w, s, x):
   return x @ w["head"]["kernel"] + w["head"]["bias"]
 
 
-def test_stacked_layers():
+@pytest.mark.parametrize("variant", ["lora", "dora"])
+def test_stacked_layers(variant):
   model = ScannedStack(nnx.Rngs(0))
   x = _rand((2, 4), 6)
   base_out = model(x)
-  config = jlora.LoraConfig(targets=r"layers/fc/kernel", rank=RANK, alpha=ALPHA, dropout=0.5)
+  config = jlora.LoraConfig(targets=r"layers/fc/kernel", rank=RANK, alpha=ALPHA, dropout=0.5, **VARIANTS[variant])
   jlora.nnx.apply_lora(model, config, rngs=nnx.Rngs(params=1, dropout=2))
-  assert {k: v.shape for k, v in _flat(nnx.state(model, LoraParam)).items()} == {
-      "layers/fc/lora_a": (3, 4, RANK), "layers/fc/lora_b": (3, RANK, 4)}
+  expected = {"layers/fc/lora_a": (3, 4, RANK), "layers/fc/lora_b": (3, RANK, 4)}
+  if variant == "dora":
+    expected["layers/fc/lora_magnitude"] = (3, 4)  # one magnitude per layer and output feature
+  assert {k: v.shape for k, v in _flat(nnx.state(model, LoraParam)).items()} == expected
   model.eval()
-  chex.assert_trees_all_equal(model(x), base_out)
+  if variant == "lora":
+    chex.assert_trees_all_equal(model(x), base_out)
+  else:
+    chex.assert_trees_all_close(model(x), base_out, **IDENTITY_TOL)
   _randomize(model)
   adapted = model(x)
-  np.testing.assert_allclose(np.asarray(adapted, np.float64), _ref_scanned(_weights(model), SCALE, x),
-                             rtol=1e-5, atol=1e-5)
+  weights, scale = _weights(model), SCALE
+  if variant == "dora":  # the base formula on each layer's DoRA kernel
+    fc = weights["layers"]["fc"]
+    fc["kernel"] = np_dora_kernel(fc["kernel"], fc, SCALE, KernelLayout((4, 4), (), (0,), (1,)))
+    scale = 0.0
+  np.testing.assert_allclose(np.asarray(adapted, np.float64), _ref_scanned(weights, scale, x), rtol=1e-5, atol=1e-5)
   chex.assert_trees_all_close(jlora.nnx.merged_copy(model)(x), adapted, rtol=1e-5, atol=1e-5)
   model.train()  # per-layer dropout streams, sliced by the scan like the kernels
   y1, y2 = model(x), model(x)
@@ -774,16 +883,20 @@ def test_stacked_layers():
 # --- shardings ---------------------------------------------------------------------------------------------
 
 
-def test_adapters_are_sharded_like_their_kernel():
+@pytest.mark.parametrize("variant", ["lora", "dora"])
+def test_adapters_are_sharded_like_their_kernel(variant):
   mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
   with jax.set_mesh(mesh):
-    model = nnx.Linear(8, 16, kernel_metadata={"out_sharding": (None, "model")}, rngs=nnx.Rngs(0))
+    model = nnx.Linear(8, 16, kernel_metadata={"out_sharding": ("data", "model")}, rngs=nnx.Rngs(0))
   kernel_sharding = model.kernel.get_value().sharding
-  assert kernel_sharding.spec == jax.P(None, "model")
-  jlora.nnx.apply_lora(model, jlora.LoraConfig(targets="kernel", rank=4), rngs=nnx.Rngs(1))
-  assert model.lora_a.get_value().sharding == jax.NamedSharding(mesh, jax.P(None, None))
+  assert kernel_sharding.spec == jax.P("data", "model")
+  jlora.nnx.apply_lora(model, jlora.LoraConfig(targets="kernel", rank=4, **VARIANTS[variant]), rngs=nnx.Rngs(1))
+  assert model.lora_a.get_value().sharding == jax.NamedSharding(mesh, jax.P("data", None))
   assert model.lora_b.get_value().sharding == jax.NamedSharding(mesh, jax.P(None, "model"))
   assert model.lora_b.get_metadata("out_sharding") == (None, "model")
+  if variant == "dora":  # the magnitude is split like the kernel's output axis
+    assert model.lora_magnitude.get_value().sharding == jax.NamedSharding(mesh, jax.P("model"))
+    assert model.lora_magnitude.get_metadata("out_sharding") == ("model",)
   _randomize(model)
   x = _rand((4, 8), 0)
   y = model(x)

@@ -1,7 +1,8 @@
 """jlora.peft against real PEFT: jlora -> PEFT files -> PeftModel, PEFT files -> jlora, merged -> transformers.
 
-Every adapter has non-zero A and B, layers with different ranks/alphas, and is compared on logits (or
-BERT hidden states) with the reference at 1e-5: the float32 bases themselves agree to ~1e-6.
+Every adapter has non-zero A and B (DoRA: magnitudes away from their init), layers with different ranks/alphas,
+and is compared on logits (or BERT hidden states) with the reference at 1e-5: the float32 bases themselves agree
+to ~1e-6. PiSSA/OLoRA adapters travel converted to plain LoRA on the original base, as PEFT writes them.
 """
 
 import json
@@ -49,6 +50,11 @@ EXPORT_CASES = {
               False),
     # A tied embedding: jlora's adapter acts on the lookup and the LM head; PEFT needs ensure_weight_tying.
     "llama3_rope": (dict(targets=[r".*/q_proj/kernel", r"model/embed_tokens/embedding"]), True),
+    # DoRA: lora_magnitude_vector per module, with GPT-2's Conv1D (fan_in_fan_out) and BERT's biases.
+    "llama+dora": (dict(targets=r".*/(q_proj|v_proj|down_proj)/kernel", rank_pattern={r".*/v_proj/kernel": 2},
+                        use_dora=True), True),
+    "gpt2+dora": (dict(targets=r".*/(c_attn|c_proj)/kernel", use_dora=True, use_rslora=True), True),
+    "bert+dora": (dict(targets=r".*/attention/self/(query|value)/kernel", use_dora=True), False),
 }
 
 
@@ -67,9 +73,17 @@ def bases(tmp_path_factory):
 
 
 def _random_adapters(model, params, config, seed=0):
-  """Random non-zero A and B for every target (numpy, so nothing but the trace is compiled)."""
-  shapes = jax.eval_shape(jlora.Lora(model, config).init, jax.random.key(0), params, IDS, MASK)
-  return random_like(shapes, seed=seed, scale=0.05)
+  """Random non-zero A and B for every target (numpy, so nothing but the trace is compiled); DoRA's magnitudes
+  scattered around their init (the kernels' column norms)."""
+  lora = jlora.Lora(model, config)
+  shapes = jax.eval_shape(lora.init, jax.random.key(0), params, IDS, MASK)
+  adapters = random_like(shapes, seed=seed, scale=0.05)
+  if config.use_dora:
+    initial = lora.init(jax.random.key(0), params, IDS, MASK)
+    adapters = jax.tree_util.tree_map_with_path(
+        lambda path, a, m: (np.asarray(m) * np.exp(6.0 * a)).astype(np.float32) if path[-1].key == "lora_magnitude"
+        else a, adapters, initial)
+  return adapters
 
 
 def _jlora_outputs(model, params, adapters, config):
@@ -93,9 +107,10 @@ def _peft_config(written: dict) -> peft.LoraConfig:
   return peft.LoraConfig(**fields)
 
 
-@pytest.mark.parametrize("arch", sorted(EXPORT_CASES))
-def test_export_loads_in_peft_with_peft_key_names(arch, bases, tmp_path):
-  kwargs, scan = EXPORT_CASES[arch]
+@pytest.mark.parametrize("case", sorted(EXPORT_CASES))
+def test_export_loads_in_peft_with_peft_key_names(case, bases, tmp_path):
+  kwargs, scan = EXPORT_CASES[case]
+  arch = case.split("+")[0]
   model, params = bases(arch, scan)
   config = jlora.LoraConfig(rank=4, alpha=8.0, **kwargs)
   adapters = _random_adapters(model, params, config)
@@ -128,7 +143,7 @@ def test_export_loads_in_peft_with_peft_key_names(arch, bases, tmp_path):
   # And back: the import reproduces the adapter, its ranks and scales.
   loaded, loaded_config = jlora.peft.from_pretrained(tmp_path / "ours", model, params, IDS, MASK)
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), loaded, adapters)
-  assert loaded_config.use_rslora == config.use_rslora
+  assert loaded_config.use_rslora == config.use_rslora and loaded_config.use_dora == config.use_dora
   for path in jlora.Lora(model, loaded_config).trace(params, IDS, MASK):
     assert loaded_config.rank_for(path) == config.rank_for(path)
     assert loaded_config.scale_for(path, config.rank_for(path)) == config.scale_for(path, config.rank_for(path))
@@ -158,6 +173,12 @@ IMPORT_CASES = {
     "bert": ("bert", dict(target_modules=["query", "value", "dense"], layers_to_transform=[1],
                           exclude_modules=["output.dense"]), False),
     "llama3_rope-tied": ("llama3_rope", dict(target_modules=["q_proj", "embed_tokens"], ensure_weight_tying=True), True),
+    "llama-scan-dora": ("llama", dict(target_modules=["q_proj", "v_proj", "down_proj"], rank_pattern={"v_proj": 2},
+                                      use_dora=True), True),
+    "gpt2-dora": ("gpt2", dict(target_modules=["c_attn", "c_proj"], fan_in_fan_out=True, use_dora=True), True),
+    "bert-dora": ("bert", dict(target_modules=["query", "value"], use_dora=True), False),
+    # An untied embedding: DoRA's magnitude per embedding feature, no dropout on the lookup.
+    "llama-embedding-dora": ("llama", dict(target_modules=["embed_tokens", "k_proj"], use_dora=True), False),
 }
 
 
@@ -167,17 +188,25 @@ def test_import_from_peft(case, bases, tmp_path):
   model, params = bases(arch, scan)
   torch.manual_seed(1)
   peft_model = peft.get_peft_model(tiny_hf_model(arch), peft.LoraConfig(r=4, lora_alpha=8, **kwargs)).eval()
-  with torch.no_grad():
-    for name, param in peft_model.named_parameters():
-      if "lora_" in name:
-        param.copy_(0.05 * torch.randn_like(param))
+  _train_like(peft_model)
   peft_model.save_pretrained(tmp_path)
   expected = _torch_outputs(arch, peft_model)
 
   # PEFT's own files store no base fingerprint: loading one is an explicit choice.
   adapters, config = jlora.peft.from_pretrained(tmp_path, model, params, IDS, MASK, policy=ALLOW_NO_FINGERPRINT)
   _close(_jlora_outputs(model, params, adapters, config), expected)
-  assert config.use_rslora == kwargs.get("use_rslora", False)
+  assert config.use_rslora == kwargs.get("use_rslora", False) and config.use_dora == kwargs.get("use_dora", False)
+  assert np.abs(expected - _torch_outputs(arch, tiny_hf_model(arch)))[MASK.astype(bool)].max() > 1e-2
+
+
+def _train_like(peft_model):
+  """Non-zero, trained-looking adapter values: random factors, magnitudes moved away from their init."""
+  with torch.no_grad():
+    for name, param in peft_model.named_parameters():
+      if "lora_magnitude" in name:
+        param.mul_(torch.exp(0.3 * torch.randn_like(param)))
+      elif "lora_" in name:
+        param.copy_(0.05 * torch.randn_like(param))
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "bert"])
@@ -225,9 +254,22 @@ def test_import_refusals(bases, tmp_path):
   _, config = jlora.peft.from_pretrained(partial, unrolled, unrolled_params, policy=ALLOW_NO_FINGERPRINT)
   assert config.targets == [r"model/layers_1/self_attn/q_proj/kernel"]
 
+  tied_dora = _peft_dir(tmp_path / "tied_dora", "llama3_rope", target_modules=["q_proj", "embed_tokens"],
+                        use_dora=True, ensure_weight_tying=True)
+  tied_model, tied_params = bases("llama3_rope", True)
+  with pytest.raises(jlora.UnsafeAdapterError, match="DoRA adapter on the tied embedding"):
+    jlora.peft.from_pretrained(tied_dora, tied_model, tied_params, policy=ALLOW_NO_FINGERPRINT)
   dora = _peft_dir(tmp_path / "dora", "llama", target_modules=["q_proj"], use_dora=True)
-  with pytest.raises(jlora.UnsafeAdapterError, match="use_dora=True is not supported"):
-    jlora.peft.from_pretrained(dora, model, params)
+  (tmp_path / "no_magnitude").mkdir()
+  tensors = safetensors.numpy.load_file(dora / "adapter_model.safetensors")
+  safetensors.numpy.save_file({k: v for k, v in tensors.items() if "magnitude" not in k},
+                              tmp_path / "no_magnitude" / "adapter_model.safetensors", metadata={"format": "pt"})
+  (tmp_path / "no_magnitude" / "adapter_config.json").write_bytes((dora / "adapter_config.json").read_bytes())
+  with pytest.raises(jlora.UnsafeAdapterError, match="lora_magnitude_vector"):
+    jlora.peft.from_pretrained(tmp_path / "no_magnitude", model, params, policy=ALLOW_NO_FINGERPRINT)
+  pissa = _peft_dir(tmp_path / "pissa", "llama", target_modules=["q_proj"], init_lora_weights="pissa")
+  with pytest.raises(jlora.UnsafeAdapterError, match="rewrites the base weights.*path_initial_model_for_weight_conversion"):
+    jlora.peft.from_pretrained(pissa, model, params, policy=ALLOW_NO_FINGERPRINT)
 
   tied = _peft_dir(tmp_path / "tied", "llama3_rope", target_modules=["embed_tokens"])
   tied_model, tied_params = bases("llama3_rope", True)
@@ -271,3 +313,55 @@ def test_base_fingerprint_ignores_float32_or_bfloat16_params(bases, tmp_path):
   moved = jax.tree.map(lambda x: x, params)
   moved["model"]["norm"]["scale"] = params["model"]["norm"]["scale"] * 1.05
   assert jlora.peft.base_fingerprint(model, moved) != fp
+
+
+# --- PiSSA / OLoRA: trained on a residual base, exchanged as plain LoRA on the original base ---------------------
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_pissa_export_applies_to_the_original_base(init, bases, tmp_path):
+  """jlora trains PiSSA/OLoRA on the residual; the export is the rank-2r LoRA that PEFT applies to the original
+  transformers model with the same logits."""
+  model, params = bases("llama", True)
+  config = jlora.LoraConfig(targets=r".*/(q_proj|down_proj)/kernel", rank=4, alpha=8.0, init=init,
+                            rank_pattern={r".*/down_proj/kernel": 2})
+  lora = jlora.Lora(model, config)
+  residual, initial = lora.init_with_base(jax.random.key(0), params, IDS, MASK)
+  trained = jax.tree.map(lambda v, n: v + n, initial, random_like(initial, seed=1, scale=0.02))
+  ours = _jlora_outputs(model, residual, trained, config)
+  with pytest.raises(jlora.JloraError, match="pass initial_adapters="):
+    jlora.peft.save_pretrained(tmp_path / "unconverted", trained, config, model, params=params)
+  written = jlora.peft.save_pretrained(tmp_path / "ours", trained, config, model, params=params,
+                                       initial_adapters=initial)
+  assert (written["r"], written["lora_alpha"], written["init_lora_weights"]) == (8, 16, True)
+  assert written["rank_pattern"] == {"down_proj": 4}
+
+  peft_model = peft.PeftModel.from_pretrained(tiny_hf_model("llama"), tmp_path / "ours").eval()
+  _close(_torch_outputs("llama", peft_model), ours)
+  assert np.abs(ours - _torch_outputs("llama", tiny_hf_model("llama")))[MASK.astype(bool)].max() > 1e-2
+  adapters, loaded = jlora.peft.from_pretrained(tmp_path / "ours", model, params, IDS, MASK)
+  _close(_jlora_outputs(model, params, adapters, loaded), ours)
+
+
+@pytest.mark.parametrize("init", ["pissa", "pissa_niter_4", "olora"])
+def test_peft_pissa_converted_loads_onto_the_original_base(init, bases, tmp_path):
+  """A PEFT PiSSA/OLoRA adapter saved with path_initial_model_for_weight_conversion is a plain LoRA on the original
+  base: jlora loads it there and computes what PEFT's trained model (residual base + adapter) computes."""
+  model, params = bases("llama", True)
+  torch.manual_seed(0)
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    peft_model = peft.get_peft_model(tiny_hf_model("llama"), peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=init)).eval()
+    peft_model.peft_config["default"].init_lora_weights = True  # as PEFT's docs: the saved start is the init
+    peft_model.save_pretrained(tmp_path / "initial")
+    with torch.no_grad():
+      for name, param in peft_model.named_parameters():
+        if "lora_" in name:
+          param.add_(0.02 * torch.randn_like(param))
+    peft_model.save_pretrained(tmp_path / "final", path_initial_model_for_weight_conversion=tmp_path / "initial")
+  expected = _torch_outputs("llama", peft_model)
+  adapters, config = jlora.peft.from_pretrained(tmp_path / "final", model, params, IDS, MASK,
+                                                policy=ALLOW_NO_FINGERPRINT)
+  assert config.rank == 8 and config.init == "kaiming_uniform"
+  _close(_jlora_outputs(model, params, adapters, config), expected)

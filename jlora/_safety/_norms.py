@@ -1,4 +1,7 @@
-"""Per-module update norms ``||s A@B||_F / ||W||_F`` and their spread: a screen for broken adapters.
+"""Per-module update norms ``||W' - W||_F / ||W||_F`` and their spread: a screen for broken adapters.
+
+``W' - W`` is what merging the adapter would add to the kernel: ``s A@B`` for LoRA, each variant's own
+(``jlora.Variant.update_norms``: DoRA's from its column statistics), never formed as a kernel-sized array.
 
 A poisoned, diverged or mis-scaled module shows up as an update that is large relative to its
 frozen kernel, or far larger than the other modules' updates. Ratios are compared on a log scale
@@ -23,6 +26,7 @@ from jlora._errors import JloraError
 from jlora._safety._errors import AdapterNormWarning, UnsafeAdapterError
 from jlora._safety._policy import LoadPolicy
 from jlora._safety._trees import to_host
+from jlora._variant import split_state
 from jlora.quant._quantized import is_quantized
 
 _MAD_TO_SIGMA = 0.6745
@@ -34,7 +38,7 @@ class NormRow:
 
   Attributes:
     module: the kernel path, with ``[i]`` for layer ``i`` of a stacked (``nn.scan``) kernel.
-    update_norm: ``||s A@B||_F``.
+    update_norm: ``||W' - W||_F`` (``||s A@B||_F`` for LoRA).
     weight_norm: ``||W||_F`` of the frozen kernel.
     ratio: ``update_norm / weight_norm``.
     ratio_to_median: ``ratio`` over the median ratio of all modules with a non-zero update.
@@ -69,7 +73,7 @@ class NormReport:
                      f"- {row.flag}" for row in self.outliers[:8])
 
   def __str__(self) -> str:
-    header = ("module", "|s·A@B|", "|W|", "ratio", "x median", "robust z", "flag")
+    header = ("module", "|W'-W|", "|W|", "ratio", "x median", "robust z", "flag")
     body = [(r.module, f"{r.update_norm:.4g}", f"{r.weight_norm:.4g}", f"{r.ratio:.4g}", f"{r.ratio_to_median:.3g}",
              f"{r.robust_z:.3g}", r.flag or "") for r in self.rows]
     widths = [max(len(c) for c in column) for column in zip(header, *body)]
@@ -80,25 +84,15 @@ class NormReport:
     return "\n".join(line.rstrip() for line in lines)
 
 
-def _update_norms(lora_a: np.ndarray, lora_b: np.ndarray, n_stack: int, n_batch: int, rank: int) -> np.ndarray:
-  """``||A@B||_F`` per stacked layer, via r x r Gram matrices (never materialising ``A@B``)."""
-  stack = lora_a.shape[:n_stack]
-  slices = math.prod(lora_a.shape[n_stack:n_stack + n_batch])
-  a = lora_a.astype(np.float64).reshape(math.prod(stack), slices, -1, rank)
-  b = lora_b.astype(np.float64).reshape(math.prod(stack), slices, rank, -1)
-  gram_a = np.einsum("sbir,sbiq->sbrq", a, a)
-  gram_b = np.einsum("sbro,sbqo->sbrq", b, b)
-  squared = np.einsum("sbrq,sbrq->s", gram_a, gram_b)
-  return np.sqrt(np.maximum(squared, 0.0))
-
-
-@functools.partial(jax.jit, static_argnums=1)
-def _weight_norms(kernels: list, stacks: tuple[int, ...]) -> list:
-  """``||W||_F`` per stacked layer of every kernel, in one compiled computation (no host gather); a quantized
-  kernel (``jlora.quant``) counts as the kernel it dequantizes to."""
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _norms(variant, targets: tuple, kernels: list, nodes: list, state) -> tuple[list, list]:
+  """``(||W' - W||_F, ||W||_F)`` per stacked layer of every kernel, in one compiled computation (no host gather); a
+  quantized kernel (``jlora.quant``) counts as the kernel it dequantizes to."""
   kernels = [w.dequantize(jnp.float32) if is_quantized(w) else jnp.asarray(w, jnp.float32) for w in kernels]
-  return [jnp.sqrt(jnp.sum(jnp.square(w).reshape(math.prod(w.shape[:n]), -1), axis=1))
-          for w, n in zip(kernels, stacks)]
+  updates = [variant.update_norms(w, node, t, state).reshape(-1) for w, node, t in zip(kernels, nodes, targets)]
+  weights = [jnp.sqrt(jnp.sum(jnp.square(w).reshape(math.prod(t.stack_shape), -1), axis=1))
+             for w, t in zip(kernels, targets)]
+  return updates, weights
 
 
 def norm_report(lora, params: Mapping, adapters: Mapping, policy: LoadPolicy | None = None) -> NormReport:
@@ -128,22 +122,28 @@ def norm_report(lora, params: Mapping, adapters: Mapping, policy: LoadPolicy | N
     (['layers_0/kernel', 'layers_1/kernel'], ())
   """
   policy = policy or LoadPolicy()
-  modules, updates, kernels, stacks = [], [], [], []
+  modules, kernels, nodes = [], [], []
   for path, target in lora.targets.items():
     keys = tuple(path.split("/"))
     if not _paths.contains(adapters, keys):
       raise JloraError(f"norm_report: the adapter tree has no adapter for target '{path}'.")
     node = _paths.get(adapters, keys)
-    lora_a, lora_b = to_host(node["lora_a"]), to_host(node["lora_b"])
-    n_stack = len(target.stack_shape)
-    norms = abs(target.scale) * _update_norms(lora_a, lora_b, n_stack, len(target.layout.batch_axes), lora_a.shape[-1])
-    modules += [path] if not n_stack else [f"{path}[{i}]" for i in range(len(norms))]
-    updates += list(norms)
+    if set(node) != set(lora.variant.leaf_names):
+      raise JloraError(f"norm_report: the adapter of '{path}' has keys {sorted(node)}; a {lora.variant.name} adapter "
+                       f"has {sorted(lora.variant.leaf_names)}.")
+    n_layers = math.prod(target.stack_shape)
+    modules += [path] if not target.stack_shape else [f"{path}[{i}]" for i in range(n_layers)]
     kernels.append(_paths.get(params, keys))
-    stacks.append(n_stack)
-  norms = jax.device_get(_weight_norms(kernels, tuple(stacks))) if kernels else []
-  weights = np.concatenate([np.asarray(w, np.float64).reshape(-1) for w in norms]) if norms else np.zeros(0)
-  return _summarise(modules, np.asarray(updates), weights, policy)
+    # Adapter leaves are small: on the host they enter the computation replicated, whatever their sharding.
+    nodes.append({name: to_host(leaf) for name, leaf in node.items()})
+  if not kernels:
+    return _summarise(modules, np.zeros(0), np.zeros(0), policy)
+  _, state = split_state(params)
+  state = (state or {}).get(lora.variant.name)
+  updates, weights = jax.device_get(_norms(lora.variant, tuple(lora.targets.values()), kernels, nodes, state))
+  updates = np.concatenate([np.asarray(u, np.float64) for u in updates])
+  weights = np.concatenate([np.asarray(w, np.float64) for w in weights])
+  return _summarise(modules, updates, weights, policy)
 
 
 def _summarise(modules: list[str], updates: np.ndarray, weights: np.ndarray, policy: LoadPolicy) -> NormReport:

@@ -49,6 +49,7 @@ def nnx_call(module, method: str, original: Callable, binding, args: tuple, kwar
       call_args, call_kwargs = with_input(args, kwargs, name, transform(get_input(args, kwargs, name)))
       out = original(module, *call_args, **call_kwargs)
     outputs.setdefault("dtype", out.dtype)
+    outputs.setdefault("ndim", out.ndim)
     return out
 
   def low_rank_with(a, b, input_fn, dtype):
@@ -65,7 +66,9 @@ def nnx_call(module, method: str, original: Callable, binding, args: tuple, kwar
     if method == "attend":
       raise ValueError("features() of a transposed call: its output axes are the kernel's input axes.")
     if target.kind in TRAILING_FEATURES:
-      return jnp.asarray(v)
+      ndim = outputs["ndim"] if "ndim" in outputs else base().ndim
+      v = jnp.asarray(v)
+      return v.reshape((1,) * (ndim - v.ndim) + v.shape)
     return probe_features(lambda a, b, input_fn: low_rank_with(a, b, input_fn, jnp.float32), layout, v)
 
   def bias():
@@ -81,6 +84,7 @@ def nnx_call(module, method: str, original: Callable, binding, args: tuple, kwar
         out, outputs["bias"] = jax.jvp(run, (value,), (value,))
         outputs.setdefault("base", out)
         outputs.setdefault("dtype", out.dtype)
+        outputs.setdefault("ndim", out.ndim)
     return outputs["bias"]
 
   return Call(target=target, method=method, transposed=method == "attend", training=training, state=state,

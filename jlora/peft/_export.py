@@ -13,6 +13,7 @@ import numpy as np
 from jlora import _paths
 from jlora._config import LoraConfig
 from jlora._errors import JloraError
+from jlora._lora import Lora
 from jlora._safety import write_manifest
 from jlora._safety._manifest import MANIFEST
 from jlora._safety._trees import to_host
@@ -21,6 +22,7 @@ from jlora.models._hf_configs import config_to_hf
 from jlora.peft._fingerprint import METADATA_KEY, base_fingerprint
 from jlora.peft._matching import EMBEDDING_LAYER_NAMES, pattern_for, target_modules_for
 from jlora.peft._modules import HfModule, ModuleTable, module_table
+from jlora.variants import to_plain_lora, variant_for
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -38,14 +40,15 @@ def default_task_type(model) -> str:
   return "FEATURE_EXTRACTION" if isinstance(model.config, BertConfig) else "CAUSAL_LM"
 
 
-def _adapter_nodes(adapters: Mapping) -> dict[str, Mapping]:
-  nodes = dict(_paths.iter_dicts(adapters, lambda d: "lora_a" in d or "lora_b" in d))
+def _adapter_nodes(adapters: Mapping, config: LoraConfig) -> dict[str, Mapping]:
+  names = set(variant_for(config).leaf_names)
+  nodes = dict(_paths.iter_dicts(adapters, lambda d: bool(names & set(d)) or "lora_a" in d))
   for path, node in nodes.items():
-    if set(node) != {"lora_a", "lora_b"}:
-      raise JloraError(f"Adapter at '{_paths.join(path)}' has keys {sorted(node)}; a LoRA adapter has exactly "
-                       "['lora_a', 'lora_b'] (PEFT export supports plain LoRA only).")
-  if sum(1 for _ in _paths.iter_leaves(adapters)) != 2 * len(nodes):
-    raise JloraError("Adapter tree has leaves outside any {lora_a, lora_b} node.")
+    if set(node) != names:
+      raise JloraError(f"Adapter at '{_paths.join(path)}' has keys {sorted(node)}; the LoraConfig describes "
+                       f"{variant_for(config).name} adapters, which have exactly {sorted(names)}.")
+  if sum(1 for _ in _paths.iter_leaves(adapters)) != len(names) * len(nodes):
+    raise JloraError(f"Adapter tree has leaves outside any {sorted(names)} node.")
   return {_paths.join(path): node for path, node in nodes.items()}
 
 
@@ -68,7 +71,8 @@ def _hf_weight(module: HfModule, kernel: np.ndarray) -> np.ndarray:
 
 def save_pretrained(path: str | os.PathLike, adapters: Mapping, config: LoraConfig, model, *,
                     params: Mapping | None = None, base_model_name_or_path: str | None = None,
-                    task_type: str | None = "auto", manifest: bool = True) -> dict[str, Any]:
+                    task_type: str | None = "auto", manifest: bool = True,
+                    initial_adapters: Mapping | None = None) -> dict[str, Any]:
   """Writes a jlora adapter as a PEFT LoRA adapter: ``adapter_config.json`` + ``adapter_model.safetensors``.
 
   The directory is what ``peft_model.save_pretrained`` writes for the same adapter on the transformers
@@ -79,6 +83,12 @@ def save_pretrained(path: str | os.PathLike, adapters: Mapping, config: LoraConf
   ``alpha_pattern`` are chosen so that PEFT's matching rules select exactly the adapted modules with
   exactly their ranks and alphas; GPT-2's ``Conv1D`` sets ``fan_in_fan_out``. A LoRA on a tied input
   embedding (also the LM head in jlora) is written with PEFT's ``ensure_weight_tying`` (Llama family).
+
+  DoRA (``use_dora``) adds each module's ``lora_magnitude_vector`` (PEFT's name, ``(fan_out,)``). A
+  PiSSA/OLoRA adapter (``init="pissa"``, ...) trains on the residual base, so it is written as PEFT's
+  ``path_initial_model_for_weight_conversion`` writes it: the rank-``2r`` plain LoRA ``[A | A0]``,
+  ``[B ; -B0]`` (alphas doubled, so every scale is unchanged) that applies to the *original* base; pass the
+  adapters as ``init_with_base`` returned them as ``initial_adapters``, and the original params as ``params``.
 
   Args:
     path: the output directory (created; must not already hold an adapter).
@@ -91,17 +101,34 @@ def save_pretrained(path: str | os.PathLike, adapters: Mapping, config: LoraConf
     task_type: PEFT's ``task_type``; ``"auto"`` is ``CAUSAL_LM`` for decoders and
       ``FEATURE_EXTRACTION`` for BERT.
     manifest: also write a ``SHA256SUMS`` manifest.
+    initial_adapters: for a PiSSA/OLoRA adapter, its values at init (required for those, refused otherwise).
 
   Returns:
     The ``adapter_config.json`` contents.
 
   Raises:
-    JloraError: an adapter that PEFT cannot represent (a non-LoRA variant, a kernel that is not a
-      Linear/Conv1D/Embedding weight, GPT-2's tied ``wte``), or shapes that do not fit ``model``.
+    JloraError: an adapter that PEFT cannot represent (a variant outside PEFT's LoRA, a kernel that is not a
+      Linear/Conv1D/Embedding weight, GPT-2's tied ``wte``, DoRA on a tied embedding, a PiSSA/OLoRA adapter
+      without its ``initial_adapters``), or shapes that do not fit ``model``.
   """
   table = module_table(model.config)
   shapes = param_shapes(model)
-  nodes = _adapter_nodes(adapters)
+  if config.variant != "lora":
+    raise JloraError(f"jlora.peft.save_pretrained writes PEFT LoRA adapters (and DoRA); variant={config.variant!r} "
+                     "has no PEFT LoRA form.")
+  if config.rewrites_base:
+    if initial_adapters is None:
+      raise JloraError(f"An init={config.init!r} adapter trains on the residual base W - s*A0@B0, which PEFT cannot "
+                       "load; pass initial_adapters= (the adapters as init_with_base returned them) to write the "
+                       "rank-2r LoRA that applies to the original base (PEFT's "
+                       "path_initial_model_for_weight_conversion).")
+    abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))["params"]
+    targets = Lora(model, config).trace(abstract, jnp.zeros((1, 1), jnp.int32))
+    adapters, config = to_plain_lora(adapters, initial_adapters, config, targets)
+  elif initial_adapters is not None:
+    raise JloraError(f"initial_adapters= converts PiSSA/OLoRA adapters; this one has init={config.init!r} and "
+                     "applies to the original base as it is.")
+  nodes = _adapter_nodes(adapters, config)
   if not nodes:
     raise JloraError("The adapter tree is empty: nothing to export.")
   tensors: dict[str, np.ndarray] = {}
@@ -121,7 +148,11 @@ def save_pretrained(path: str | os.PathLike, adapters: Mapping, config: LoraConf
     if a.shape != stack + (fan_in, rank) or b.shape != stack + (rank, fan_out):
       raise JloraError(f"Adapter at '{kernel_path}' has lora_a {a.shape} and lora_b {b.shape}; rank {rank} on kernel "
                        f"{shapes[kernel_path]} needs {stack + (fan_in, rank)} and {stack + (rank, fan_out)}.")
-    if a.dtype.name not in _DTYPES or b.dtype.name not in _DTYPES:
+    m = to_host(node["lora_magnitude"]) if config.use_dora else None
+    if m is not None and m.shape != stack + (fan_out,):
+      raise JloraError(f"Adapter at '{kernel_path}' has lora_magnitude {m.shape}; the kernel {shapes[kernel_path]} "
+                       f"needs {stack + (fan_out,)}.")
+    if any(v.dtype.name not in _DTYPES for v in (a, b) + ((m,) if m is not None else ())):
       raise JloraError(f"Adapter at '{kernel_path}' is {a.dtype.name}/{b.dtype.name}; PEFT export writes float16, "
                        "bfloat16 or float32.")
     for module in modules:
@@ -131,6 +162,8 @@ def save_pretrained(path: str | os.PathLike, adapters: Mapping, config: LoraConf
         tensors[f"{key}.lora_embedding_A"], tensors[f"{key}.lora_embedding_B"] = a_i.T, b_i.T
       else:
         tensors[f"{key}.lora_A.weight"], tensors[f"{key}.lora_B.weight"] = a_i.T, b_i.T
+      if m is not None:
+        tensors[f"{key}.lora_magnitude_vector"] = m[module.layer] if module.layer is not None else m
       ranks[module.name], alphas[module.name] = rank, alpha
       conv1d |= module.kind == "conv1d"
 
@@ -141,6 +174,10 @@ def save_pretrained(path: str | os.PathLike, adapters: Mapping, config: LoraConf
                      "PEFT ties LoRA weights only for embeddings named embed_tokens (ensure_weight_tying), so it "
                      "would adapt the lookup alone. Export the merged model instead (jlora.peft.save_merged).")
   target_modules = target_modules_for(adapted, table)
+  if tie and config.use_dora:
+    raise JloraError(f"'{table.input_embedding}' is tied to the LM head, where jlora's DoRA scales the query's "
+                     "features; PEFT's tied LM head would be a Linear DoRA with a magnitude per vocabulary row. Export "
+                     "the merged model instead (jlora.peft.save_merged).")
   if tie:
     # What PEFT itself saves after tying: the embedding is also listed by its full name, and the LM head
     # carries the embedding's factors transposed (lora_A = B_emb^T, lora_B = A_emb^T).
@@ -186,7 +223,7 @@ def save_pretrained(path: str | os.PathLike, adapters: Mapping, config: LoraConf
       "revision": None,
       "target_modules": target_modules,
       "task_type": task_type,
-      "use_dora": False,
+      "use_dora": bool(config.use_dora),
       "use_rslora": bool(config.use_rslora),
   }
   if tie:

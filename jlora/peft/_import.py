@@ -1,4 +1,4 @@
-"""``from_pretrained``: a Hugging Face PEFT LoRA adapter directory, checked, as a jlora adapter tree."""
+"""``from_pretrained``: a Hugging Face PEFT LoRA (or DoRA) adapter directory, checked, as a jlora adapter tree."""
 
 import hashlib
 import math
@@ -62,10 +62,12 @@ def _check_config(raw: Any, where: pathlib.Path, model_type: str) -> dict[str, A
     if key not in _KNOWN and value not in (None, False, {}, [], ""):
       raise _fail(where, f"{CONFIG_FILE} sets {key}={value!r}, which jlora does not implement; it may change the "
                          "adapter's computation, so the adapter is refused.")
-  unsupported = {"use_dora": False, "lora_bias": False, "modules_to_save": None, "bias": "none"}
+  if not isinstance(raw.get("use_dora", False), bool):
+    raise _fail(where, f"use_dora={raw['use_dora']!r} must be true or false.")
+  unsupported = {"lora_bias": False, "modules_to_save": None, "bias": "none"}
   for key, default in unsupported.items():
     if raw.get(key, default) not in (default, None, False, [], "none"):
-      raise _fail(where, f"{key}={raw[key]!r} is not supported (jlora loads plain LoRA: no DoRA, biases or "
+      raise _fail(where, f"{key}={raw[key]!r} is not supported (jlora loads LoRA and DoRA: no biases or "
                          "fully trained modules).")
   init = raw.get("init_lora_weights", True)
   if isinstance(init, str) and init.lower().startswith(_BASE_CHANGING_INITS):
@@ -155,8 +157,8 @@ def _hf_shape(module: HfModule, kernel_shape: tuple[int, ...]) -> tuple[int, ...
   return kernel_shape[::-1] if module.kind == "linear" else kernel_shape
 
 
-def _expected(modules: list[HfModule], tie: bool, table: ModuleTable, params: Mapping, ranks: Mapping[str, int]
-              ) -> tuple[dict[str, tuple], dict[str, tuple]]:
+def _expected(modules: list[HfModule], tie: bool, table: ModuleTable, params: Mapping, ranks: Mapping[str, int],
+              dora: bool) -> tuple[dict[str, tuple], dict[str, tuple]]:
   expected, optional = {}, {}
   for module in modules:
     leaf = _paths.get(params, tuple(module.path.split("/")))
@@ -166,6 +168,8 @@ def _expected(modules: list[HfModule], tie: bool, table: ModuleTable, params: Ma
       expected[f"{key}.lora_embedding_A"], expected[f"{key}.lora_embedding_B"] = (rank, fan_in), (fan_out, rank)
     else:
       expected[f"{key}.lora_A.weight"], expected[f"{key}.lora_B.weight"] = (rank, fan_in), (fan_out, rank)
+    if dora:  # DoRA's magnitude: one per output feature (an embedding's features)
+      expected[f"{key}.lora_magnitude_vector"] = (fan_out,)
     optional[f"{key}.base_layer.weight"] = _hf_shape(module, shape)
     if tie and module.name == table.input_embedding:
       expected[PREFIX + "lm_head.lora_A.weight"], expected[PREFIX + "lm_head.lora_B.weight"] = (rank, fan_out), (
@@ -224,9 +228,10 @@ def from_pretrained(path: str | os.PathLike, model, params: Mapping, *example_in
   set and shapes; finite values; the ``SHA256SUMS`` manifest when present (or required); the stored
   base fingerprint against ``params`` (a file without one, such as PEFT's own files, is refused unless
   ``policy.allow_missing_fingerprint``); ``expected_fingerprint`` and
-  ``expected_base_model`` when given; PEFT features jlora does not compute (DoRA, biases,
-  ``modules_to_save``, base-changing inits) refused; and the update-norm report (warns, or refuses
-  with ``LoadPolicy(strict=True)``).
+  ``expected_base_model`` when given; PEFT features jlora does not compute (biases, ``modules_to_save``,
+  base-changing inits such as unconverted PiSSA/OLoRA, DoRA on a tied embedding) refused; and the
+  update-norm report of the adapter's variant (warns, or refuses with ``LoadPolicy(strict=True)``).
+  DoRA adapters (``use_dora``) load with their ``lora_magnitude_vector``s as ``lora_magnitude``.
 
   Args:
     path: the PEFT adapter directory (``adapter_config.json`` + ``adapter_model.safetensors``).
@@ -273,7 +278,12 @@ def from_pretrained(path: str | os.PathLike, model, params: Mapping, *example_in
               or float(pattern_value(config["alpha_pattern"], "lm_head", config["lora_alpha"]))
               != alphas[table.input_embedding]):
     raise _fail(directory, "the tied lm_head gets another rank or alpha than the embedding it is tied to.")
-  expected, optional = _expected(modules, tie, table, params, ranks)
+  dora = bool(config.get("use_dora", False))
+  if tie and dora:
+    raise _fail(directory, f"is a DoRA adapter on the tied embedding '{table.input_embedding}'; PEFT's tied LM head is "
+                           "a Linear DoRA with a magnitude per vocabulary row, while jlora's embedding DoRA scales the "
+                           "LM head's input features, so the adapter would compute something else.")
+  expected, optional = _expected(modules, tie, table, params, ranks, dora)
   file = read_safetensors(weights, policy, expected=expected, optional=optional, sha256=digests.get(WEIGHTS_FILE))
   if file.metadata.get("format", "pt") != "pt":
     raise _fail(directory, f"{WEIGHTS_FILE} has format {file.metadata['format']!r}, expected 'pt' (PEFT's).")
@@ -303,15 +313,18 @@ def from_pretrained(path: str | os.PathLike, model, params: Mapping, *example_in
     rank_of[kernel_path] = _one_value(directory, kernel_path, group, ranks, "rank")
     alpha_of[kernel_path] = _one_value(directory, kernel_path, group, alphas, "alpha")
     group = sorted(group, key=lambda m: m.layer or 0)
-    factors = []
+    leaves = []
     for module in group:
       key = PREFIX + module.name
       a, b = ((tensors[f"{key}.lora_embedding_A"], tensors[f"{key}.lora_embedding_B"]) if module.kind == "embedding"
               else (tensors[f"{key}.lora_A.weight"], tensors[f"{key}.lora_B.weight"]))
-      factors.append((a.T.astype(dtype), b.T.astype(dtype)))
-    a = np.stack([f[0] for f in factors]) if stacked else factors[0][0]
-    b = np.stack([f[1] for f in factors]) if stacked else factors[0][1]
-    adapters[tuple(kernel_path.split("/"))] = {"lora_a": jnp.asarray(a), "lora_b": jnp.asarray(b)}
+      leaf = {"lora_a": a.T.astype(dtype), "lora_b": b.T.astype(dtype)}
+      if dora:
+        leaf["lora_magnitude"] = tensors[f"{key}.lora_magnitude_vector"].astype(dtype)
+      leaves.append(leaf)
+    adapters[tuple(kernel_path.split("/"))] = {
+        name: jnp.asarray(np.stack([leaf[name] for leaf in leaves]) if stacked else leaves[0][name])
+        for name in leaves[0]}
 
   init = config.get("init_lora_weights", True)
   lora_config = LoraConfig(
@@ -324,6 +337,7 @@ def from_pretrained(path: str | os.PathLike, model, params: Mapping, *example_in
       alpha_pattern={re.escape(p): a for p, a in alpha_of.items() if a != float(config["lora_alpha"])},
       init="gaussian" if init == "gaussian" else "kaiming_uniform",
       dtype=dtype,
+      use_dora=dora,
   )
   adapters = _paths.nest(adapters)
   lora = Lora(model, lora_config)

@@ -1,4 +1,4 @@
-"""adapter_specs: each LoRA factor is split like the kernel axes it stands for."""
+"""adapter_specs: each adapter leaf (of any variant) is split like the kernel axes it stands for."""
 
 from collections.abc import Mapping
 from typing import Any
@@ -8,9 +8,19 @@ from jax.sharding import PartitionSpec as P
 from jlora import _paths
 from jlora._errors import JloraError
 from jlora._targets import Target
+from jlora._variant import Variant, leaf_shapes
 from jlora.sharding._specs import specs_by_path
+from jlora.variants import TRAINABLE_LEAVES, VARIANTS
 
-_FACTORS = ("lora_a", "lora_b")
+
+def _variant_of(node: Mapping, where: str) -> Variant:
+  """The registered variant whose leaves are exactly ``node``'s keys."""
+  for variant in VARIANTS.values():
+    if set(variant.leaf_names) == set(node):
+      return variant
+  known = {name: sorted(v.leaf_names) for name, v in VARIANTS.items()}
+  raise JloraError(f"adapter_specs: adapter at '{where}' has keys {sorted(node)}, which are no variant's leaves "
+                   f"({known}).")
 
 
 def adapter_specs(adapters: Mapping, specs: Any, targets: Mapping[str, Target]) -> dict:
@@ -22,14 +32,16 @@ def adapter_specs(adapters: Mapping, specs: Any, targets: Mapping[str, Target]) 
 
       lora_a: (stack..., native[batch]..., native[in]...,  None)     # A: stack + batch + in + (r,)
       lora_b: (stack..., native[batch]..., None, native[out]...)    # B: stack + batch + (r,) + out
+      lora_magnitude: (stack..., native[batch]..., native[out]...)  # DoRA's m: one per output feature
 
   so ``x @ A`` contracts over the axes the kernel splits for its input and ``B`` splits its output
-  like the kernel does; the rank axis is never split. A kernel spec ``P()`` (replicated) gives
-  replicated factors. Optimizer state follows with :func:`tree_shardings_like`.
+  like the kernel does; the rank axis is never split. In general every leaf axis is split like the kernel
+  axis it stands for (``jlora.Variant.leaves``), for every variant. A kernel spec ``P()`` (replicated)
+  gives replicated leaves. Optimizer state follows with :func:`tree_shardings_like`.
 
   Args:
     adapters: the adapter tree (arrays or ``jax.ShapeDtypeStruct``, e.g. for a restore), or a subtree
-      of it holding whole ``{"lora_a", "lora_b"}`` nodes at their kernels' paths.
+      of it holding whole adapter nodes at their kernels' paths.
     specs: the base params' spec tree from :func:`param_specs` (a tree of ``PartitionSpec``).
     targets: the adapted kernels, ``lora.targets`` (after ``lora.init`` or ``lora.trace``).
 
@@ -37,8 +49,8 @@ def adapter_specs(adapters: Mapping, specs: Any, targets: Mapping[str, Target]) 
     A tree of ``PartitionSpec`` with the structure of ``adapters``.
 
   Raises:
-    JloraError: an adapter without a target or kernel spec, a leaf other than ``lora_a``/``lora_b``,
-      a factor whose shape does not fit its target, or a kernel spec of the wrong length.
+    JloraError: an adapter without a target or kernel spec, a node whose leaves are no variant's, a leaf
+      outside any adapter, a leaf whose shape does not fit its target, or a kernel spec of the wrong length.
 
   Example:
     >>> import jax, jax.numpy as jnp, flax.linen as nn, jlora
@@ -54,17 +66,15 @@ def adapter_specs(adapters: Mapping, specs: Any, targets: Mapping[str, Target]) 
     {'kernel': {'lora_a': P('fsdp', None), 'lora_b': P(None, 'tensor')}}
   """
   kernel_specs = specs_by_path(specs)
-  nodes = list(_paths.iter_dicts(adapters, lambda d: bool(set(_FACTORS) & set(d))))
-  n_leaves = sum(1 for _ in _paths.iter_leaves(adapters))
-  if n_leaves != 2 * len(nodes):
-    stray = [_paths.join(p) for p, _ in _paths.iter_leaves(adapters) if p[-1] not in _FACTORS]
-    raise JloraError(f"adapter_specs: leaves outside any {{'lora_a', 'lora_b'}} adapter: {stray[:8]}; "
-                     "only LoRA adapter trees are supported.")
+  nodes = list(_paths.iter_dicts(adapters, lambda d: bool(set(TRAINABLE_LEAVES) & set(d))))
+  stray = [_paths.join(p) for p, _ in _paths.iter_leaves(adapters) if p[-1] not in TRAINABLE_LEAVES]
+  if stray or any(isinstance(v, Mapping) for _, node in nodes for v in node.values()):
+    raise JloraError(f"adapter_specs: leaves outside any adapter: {stray[:8]}; only adapter trees (of every "
+                     f"variant's leaves {list(TRAINABLE_LEAVES)}) are supported.")
   out = {}
   for path, node in nodes:
     joined = _paths.join(path)
-    if set(node) != set(_FACTORS):
-      raise JloraError(f"adapter_specs: adapter at '{joined}' has keys {sorted(node)}, expected {list(_FACTORS)}.")
+    variant = _variant_of(node, joined)
     target = targets.get(joined)
     if target is None:
       raise JloraError(f"adapter_specs: adapter at '{joined}' is not among the targets "
@@ -72,30 +82,33 @@ def adapter_specs(adapters: Mapping, specs: Any, targets: Mapping[str, Target]) 
     if path not in kernel_specs:
       raise JloraError(f"adapter_specs: no spec for the kernel '{joined}' in specs; pass the spec tree of the "
                        "base params (sharding.param_specs).")
-    lora_a, lora_b = factor_specs(target, kernel_specs[path])
-    for name in ("lora_a", "lora_b"):
-      want = target.stack_shape + (target.layout.a_shape if name == "lora_a" else target.layout.b_shape)(target.rank)
+    leaf_specs = variant_specs(variant, target, kernel_specs[path])
+    for name, want in leaf_shapes(variant, target).items():
       got = tuple(node[name].shape)
       if got != want:
         raise JloraError(f"adapter_specs: '{joined}/{name}' has shape {got}, but its target needs {want} "
                          "(adapters from another model or LoraConfig?).")
-    out[path] = {"lora_a": lora_a, "lora_b": lora_b}
+    out[path] = leaf_specs
   return _paths.nest(out)
 
 
-def factor_specs(target: Target, kernel_spec: P) -> tuple[P, P]:
-  """``(lora_a spec, lora_b spec)`` of one target from its kernel's spec (see :func:`adapter_specs`)."""
+def variant_specs(variant: Variant, target: Target, kernel_spec: P) -> dict[str, P]:
+  """Each adapter leaf's spec from its kernel's spec: every leaf axis split like the kernel axis it stands for."""
   layout = target.layout
   n_stack = len(target.stack_shape)
   rank = n_stack + len(layout.shape)
+  leaves = variant.leaves(target)
   if len(kernel_spec) == 0:
-    return P(), P()
+    return {name: P() for name in leaves}
   if len(kernel_spec) != rank:
     raise JloraError(f"adapter_specs: the spec {kernel_spec} of kernel '{target.path}' has {len(kernel_spec)} "
                      f"entries; the kernel {target.stack_shape + layout.shape} has {rank} dimensions.")
   entries = tuple(kernel_spec)
   stack, native = entries[:n_stack], entries[n_stack:]
-  batch = tuple(native[i] for i in layout.batch_axes)
-  ins = tuple(native[i] for i in layout.in_axes)
-  outs = tuple(native[i] for i in layout.out_axes)
-  return P(*stack, *batch, *ins, None), P(*stack, *batch, None, *outs)
+  return {name: P(*stack, *(None if i is None else native[i] for i in axes)) for name, axes in leaves.items()}
+
+
+def factor_specs(target: Target, kernel_spec: P) -> tuple[P, P]:
+  """``(lora_a spec, lora_b spec)`` of one target from its kernel's spec (see :func:`adapter_specs`)."""
+  specs = variant_specs(VARIANTS["lora"], target, kernel_spec)
+  return specs["lora_a"], specs["lora_b"]

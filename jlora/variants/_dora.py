@@ -63,11 +63,14 @@ def _apply(adapter: Adapter, call: Call) -> jax.Array:
   low_rank = call.low_rank(adapter["lora_a"], target.scale * g_b * adapter["lora_b"].astype(jnp.float32))
   if call.transposed:
     # nn.Embed.attend: g scales the query's features (the table's columns), bias-free.
+    def scaled(factor):
+      return lambda q: q * factor.astype(q.dtype).reshape((1,) * (q.ndim - factor.ndim) + factor.shape)
+
     if not call.training:
-      out = call.base(lambda q: q * g.astype(q.dtype))
+      out = call.base(scaled(g))
       return out + low_rank.astype(out.dtype)
     out = call.base()
-    extra = call.base(lambda q: call.dropout(q) * (g - 1.0).astype(q.dtype))
+    extra = call.base(lambda q: scaled(g - 1.0)(call.dropout(q)))
     return out + (extra + low_rank).astype(out.dtype)
   bias = call.bias()
   out = call.base()
