@@ -34,7 +34,7 @@ from jlora._safety import (
   write_manifest,
 )
 from jlora._safety._regex import check_regex
-from jlora.variants import FAMILIES, TRAINABLE_LEAVES, variant_for
+from jlora.variants import FAMILIES, trainable_leaves, variant_for
 
 _METADATA = "jlora_adapter.json"
 _FORMAT = "jlora-adapter/1"
@@ -132,7 +132,7 @@ _CONFIG_FIELDS = {
              "'kaiming_uniform', 'gaussian', 'pissa', 'pissa_niter_K' or 'olora'"),
     "dtype": (lambda v: v in ("float32", "bfloat16", "float16"), "'float32', 'bfloat16' or 'float16'"),
     "use_dora": (lambda v: isinstance(v, bool), "true or false"),
-    "variant": (lambda v: v in FAMILIES, f"one of {list(FAMILIES)}"),
+    "variant": (lambda v: isinstance(v, str) and v in FAMILIES, "a registered variant family (jlora.variants)"),
 }
 # Fields added after the first adapters were saved: absent means the default (plain LoRA).
 _ADDED_FIELDS = ("use_dora", "variant")
@@ -195,7 +195,7 @@ def _check_config_describes(config: LoraConfig, tree: Mapping, params: Mapping |
   ranks = {_paths.join(path[:-1]): leaf.shape[-1] for path, leaf in _paths.iter_leaves(tree) if path[-1] == "lora_a"}
   leaves = set(variant_for(config).leaf_names)
   problems = [f"{_paths.join(path)} has leaves {sorted(node)}, a {variant_for(config).name} adapter {sorted(leaves)}"
-              for path, node in _paths.iter_dicts(tree, lambda d: bool(set(TRAINABLE_LEAVES) & set(d)))
+              for path, node in _paths.iter_dicts(tree, lambda d: bool(set(trainable_leaves()) & set(d)))
               if set(node) != leaves]
   problems += [f"{kernel} is not a target" if not config.matches(kernel) else
               f"{kernel} has rank {rank}, the config says {config.rank_for(kernel)}"

@@ -117,13 +117,15 @@ class Lora:
 
     ``params'`` is ``params`` itself unless the variant changes the frozen side: PiSSA/OLoRA replace each
     targeted kernel by the residual ``W - s·A@B`` (in the kernel's dtype, requantized in its format when
-    quantized), and a variant with shared frozen state adds it under ``params[jlora.variants.STATE_KEY]``
+    quantized), and a variant with shared frozen state adds it under ``params[jlora.STATE_KEY]``
     (see ``jlora.Variant``). The caller's tree is never modified; untouched arrays are shared.
 
     Args: as ``init``.
 
     Returns:
       ``(params', adapters)``; ``lora.apply(params', adapters, x)`` equals ``model.apply(params, x)`` at init.
+      ``params'`` is the base the adapters belong to: fingerprint it (``jlora.fingerprint(params')``) when saving
+      them, and train and serve on it.
     """
     targets = self.trace(params, *args, **kwargs)
     reads = self.variant.reads_kernel or self.config.rewrites_base
@@ -226,7 +228,7 @@ class Lora:
   def intercept(self, *, lora_dropout: bool | None = None, state: Mapping | None = None) -> Iterator[None]:
     """Context in which adapted modules add their adapter's contribution (see ``inject``).
 
-    ``state`` is the shared frozen state ``params[jlora.variants.STATE_KEY]`` (None when the variant has
+    ``state`` is the shared frozen state ``params[jlora.STATE_KEY]`` (None when the variant has
     none); ``apply`` and ``apply_fn`` split it off the params themselves.
     """
     variant_state = (state or {}).get(self.variant.name)

@@ -7,7 +7,7 @@ import jax
 import optax
 
 from jlora._variant import Variant
-from jlora.variants import TRAINABLE_LEAVES, VECTOR_LEAVES
+from jlora.variants import trainable_leaves, vector_leaves
 
 
 def _leaf_name(path) -> str | None:
@@ -20,13 +20,13 @@ def _joined(path) -> str:
 
 
 def _names(variant: Variant | None) -> set[str]:
-  return set(TRAINABLE_LEAVES if variant is None else variant.leaf_names)
+  return set(trainable_leaves() if variant is None else variant.leaf_names)
 
 
 def adapter_labels(tree, *, variant: Variant | None = None):
   """Labels every leaf of ``tree`` ``"adapter"`` (a variant's trainable leaf, e.g. ``lora_a``) or ``"frozen"``.
 
-  ``variant=None`` recognises the trainable leaves of every variant (``jlora.variants.TRAINABLE_LEAVES``).
+  ``variant=None`` recognises the trainable leaves of every variant (``jlora.variants.trainable_leaves()``).
   """
   names = _names(variant)
   return jax.tree_util.tree_map_with_path(lambda p, _: "adapter" if _leaf_name(p) in names else "frozen", tree)
@@ -101,10 +101,12 @@ def lora_plus(
     return len(path) >= 2 and _leaf_name(path[:-1]) == "embedding"
 
   def labels(tree):
+    trainable, vectors = trainable_leaves(), vector_leaves()
+
     def label(path, leaf):
       name = _leaf_name(path)
-      if name in TRAINABLE_LEAVES:
-        if name in VECTOR_LEAVES:
+      if name in trainable:
+        if name in vectors:
           return "b"
         if on_embedding(path):
           return "embedding"

@@ -58,7 +58,7 @@ class LoraModule(nnx.Module):
   def lora_state_value(self):
     """The variant's shared frozen state (None when the variant has none)."""
     state = vars(self).get("lora_state")
-    return None if state is None else state[...]
+    return None if state is None else state.get_value()
 
   def _lora_call(self, method: str, original: Callable, args: tuple, kwargs: dict):
     target, binding = self.lora_target, type(self)._lora_binding

@@ -301,7 +301,7 @@ def _fold(module: LoraModule, merge: bool) -> None:
     module.lora_memo = nnx.data(None if memo is None else LoraMemo(memo))
   else:
     memo = module.lora_memo
-    new = variant.unmerge(old, module.lora_adapter(), target, state, None if memo is None else memo[...])
+    new = variant.unmerge(old, module.lora_adapter(), target, state, None if memo is None else memo.get_value())
     module.lora_memo = nnx.data(None)
   kernel.set_value(_placed(new, old))
   module.lora_merged = merge

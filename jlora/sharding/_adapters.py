@@ -10,7 +10,7 @@ from jlora._errors import JloraError
 from jlora._targets import Target
 from jlora._variant import Variant, leaf_shapes
 from jlora.sharding._specs import specs_by_path
-from jlora.variants import TRAINABLE_LEAVES, VARIANTS
+from jlora.variants import VARIANTS, trainable_leaves
 
 
 def _variant_of(node: Mapping, where: str) -> Variant:
@@ -66,11 +66,12 @@ def adapter_specs(adapters: Mapping, specs: Any, targets: Mapping[str, Target]) 
     {'kernel': {'lora_a': P('fsdp', None), 'lora_b': P(None, 'tensor')}}
   """
   kernel_specs = specs_by_path(specs)
-  nodes = list(_paths.iter_dicts(adapters, lambda d: bool(set(TRAINABLE_LEAVES) & set(d))))
-  stray = [_paths.join(p) for p, _ in _paths.iter_leaves(adapters) if p[-1] not in TRAINABLE_LEAVES]
+  names = trainable_leaves()
+  nodes = list(_paths.iter_dicts(adapters, lambda d: bool(set(names) & set(d))))
+  stray = [_paths.join(p) for p, _ in _paths.iter_leaves(adapters) if p[-1] not in names]
   if stray or any(isinstance(v, Mapping) for _, node in nodes for v in node.values()):
     raise JloraError(f"adapter_specs: leaves outside any adapter: {stray[:8]}; only adapter trees (of every "
-                     f"variant's leaves {list(TRAINABLE_LEAVES)}) are supported.")
+                     f"variant's leaves {list(names)}) are supported.")
   out = {}
   for path, node in nodes:
     joined = _paths.join(path)

@@ -4,8 +4,10 @@
   the kernel's SVD/QR factors and leaves the residual as the frozen base (PiSSA, OLoRA).
 * ``DORA``: DoRA, LoRA's direction with a trained magnitude per output feature (``use_dora=True``).
 * ``variant_for(config)``: the variant a ``LoraConfig`` describes (``Lora`` and ``jlora.nnx`` use it).
-* ``VARIANTS``: every registered variant by name; ``TRAINABLE_LEAVES``: every variant's trainable leaf
-  names (what optax routing treats as adapter leaves); ``VECTOR_LEAVES``: the per-feature vectors among them.
+* ``register(family, select, variants)``: adds a family (``LoraConfig.variant``, e.g. ``"vera"``): ``select``
+  maps a config of that family to one of ``variants``.
+* ``VARIANTS``: every registered variant by name; ``trainable_leaves()``: every variant's trainable leaf
+  names (what optax routing treats as adapter leaves); ``vector_leaves()``: the per-feature vectors among them.
 * ``to_plain_lora(adapters, initial, config, targets)``: a PiSSA/OLoRA adapter as the rank-``2r`` LoRA
   that applies to the *original* base (PEFT's ``path_initial_model_for_weight_conversion``).
 
@@ -13,19 +15,52 @@ The interface itself (``Variant``, ``Call``, and where frozen per-variant state 
 ``jlora._variant``.
 """
 
+from collections.abc import Callable, Sequence
+
 from jlora._errors import JloraError
+from jlora._variant import Variant
 from jlora.variants._convert import to_plain_lora
 from jlora.variants._dora import DORA
 from jlora.variants._lora import LORA
 
-VARIANTS = {variant.name: variant for variant in (LORA, DORA)}
-# The variant families a config's ``variant`` field names; "lora" covers LoRA and DoRA (``use_dora``).
-FAMILIES = ("lora",)
-TRAINABLE_LEAVES = tuple(dict.fromkeys(name for variant in VARIANTS.values() for name in variant.leaf_names))
-VECTOR_LEAVES = tuple(dict.fromkeys(name for variant in VARIANTS.values() for name in variant.vector_leaves))
+VARIANTS: dict[str, Variant] = {}
+# LoraConfig.variant -> the function that picks the family's variant for a config.
+FAMILIES: dict[str, Callable] = {}
 
 
-def variant_for(config) -> "Variant":  # noqa: F821
+def register(family: str, select: Callable, variants: Sequence[Variant]) -> None:
+  """Makes ``LoraConfig(variant=family)`` select ``select(config)``, one of ``variants``.
+
+  Raises:
+    JloraError: the family or a variant name is taken by something else.
+  """
+  if family in FAMILIES:
+    raise JloraError(f"jlora.variants.register: the family {family!r} is registered already.")
+  for variant in variants:
+    if VARIANTS.get(variant.name, variant) is not variant:
+      raise JloraError(f"jlora.variants.register: another variant is named {variant.name!r}.")
+  FAMILIES[family] = select
+  VARIANTS.update({variant.name: variant for variant in variants})
+
+
+def unregister(family: str, variants: Sequence[Variant]) -> None:
+  """Removes what ``register`` added (for tests and interactive use)."""
+  FAMILIES.pop(family, None)
+  for variant in variants:
+    VARIANTS.pop(variant.name, None)
+
+
+def trainable_leaves() -> tuple[str, ...]:
+  """Every registered variant's trainable leaf names."""
+  return tuple(dict.fromkeys(name for variant in VARIANTS.values() for name in variant.leaf_names))
+
+
+def vector_leaves() -> tuple[str, ...]:
+  """Every registered variant's per-feature vector leaves (PEFT's one-dimensional parameters)."""
+  return tuple(dict.fromkeys(name for variant in VARIANTS.values() for name in variant.vector_leaves))
+
+
+def variant_for(config) -> Variant:
   """The ``Variant`` a ``LoraConfig`` describes.
 
   Raises:
@@ -33,8 +68,13 @@ def variant_for(config) -> "Variant":  # noqa: F821
   """
   if config.variant not in FAMILIES:
     raise JloraError(f"LoraConfig.variant={config.variant!r} is not an available adapter variant; "
-                     f"available: {list(FAMILIES)} (DoRA is variant='lora' with use_dora=True).")
-  return DORA if config.use_dora else LORA
+                     f"available: {sorted(FAMILIES)} (DoRA is variant='lora' with use_dora=True).")
+  if config.use_dora and config.variant != "lora":
+    raise JloraError(f"LoraConfig.use_dora=True belongs to the LoRA family; variant={config.variant!r} has no DoRA.")
+  return FAMILIES[config.variant](config)
 
 
-__all__ = ["DORA", "FAMILIES", "VECTOR_LEAVES", "LORA", "TRAINABLE_LEAVES", "VARIANTS", "to_plain_lora", "variant_for"]
+register("lora", lambda config: DORA if config.use_dora else LORA, (LORA, DORA))
+
+__all__ = ["DORA", "FAMILIES", "LORA", "VARIANTS", "register", "to_plain_lora", "trainable_leaves", "unregister",
+           "variant_for", "vector_leaves"]
