@@ -63,3 +63,31 @@ def test_rslora_scale():
 def test_invalid(kwargs, match):
   with pytest.raises(jlora.JloraError, match=match):
     jlora.LoraConfig(**kwargs)
+
+
+def test_the_config_carries_the_variant():
+  """use_dora / init select the variant and its start; the config alone rebuilds it (to_dict/from_dict, JSON)."""
+  import json
+
+  for kwargs, variant, rewrites in [(dict(), jlora.LORA, False), (dict(use_dora=True), jlora.DORA, False),
+                                    (dict(init="pissa"), jlora.LORA, True), (dict(init="pissa_niter_16"), jlora.LORA, True),
+                                    (dict(init="olora", use_dora=True), jlora.DORA, True)]:
+    config = jlora.LoraConfig(targets=["a", "b"], rank=4, rank_pattern={"a": 2}, **kwargs)
+    assert jlora.variant_for(config) is variant and config.rewrites_base == rewrites
+    again = jlora.LoraConfig.from_dict(json.loads(json.dumps(config.to_dict())))
+    assert again == config and jlora.variant_for(again) is variant
+  assert (jlora.LoraConfig(targets="k").use_dora, jlora.LoraConfig(targets="k").variant) == (False, "lora")
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(init="pissa_niter_"), "LoraConfig.init must be"),
+    (dict(init="pissa_niter_-1"), "LoraConfig.init must be"),
+    (dict(init="pissa_niter_07"), "LoraConfig.init must be"),
+    (dict(init="svd"), "LoraConfig.init must be"),
+    (dict(init=None), "LoraConfig.init must be"),
+    (dict(use_dora=1), "use_dora must be True or False"),
+    (dict(variant="nope"), "'nope' is not an available adapter variant"),
+])
+def test_invalid_variant_options(kwargs, match):
+  with pytest.raises(jlora.JloraError, match=match):
+    jlora.LoraConfig(targets="k", **kwargs)

@@ -1,11 +1,16 @@
 """optax routing: adapters_only (frozen leaves carry no state) and LoRA+."""
 
+import warnings
+
 import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import peft
+import pytest
+import torch
 from _cases import ScannedStack
 
 import jlora
@@ -88,3 +93,45 @@ def test_lora_plus_can_train_non_adapter_leaves():
   np.testing.assert_allclose(updates["head"]["b"], -0.2, rtol=1e-6)
   np.testing.assert_allclose(updates["lora"]["k"]["lora_a"], -0.1, rtol=1e-6)
   np.testing.assert_allclose(updates["lora"]["k"]["lora_b"], -0.2, rtol=1e-6)
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_lora_plus_groups_like_peft(use_dora, tmp_path):
+  """Each adapter leaf gets the learning rate PEFT's create_loraplus_optimizer gives the same parameter: A at lr,
+  B and one-dimensional leaves (DoRA's magnitude, on an embedding too) at lr * ratio, an embedding's factors at
+  loraplus_lr_embedding."""
+  from peft.optimizers import create_loraplus_optimizer
+  from test_models_references import save_hf, tiny_hf_model
+
+  import jlora.peft
+  from jlora import models
+  from jlora.peft._modules import module_table
+
+  lr, ratio, lr_embedding = 0.1, 4.0, 0.05
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    peft_model = peft.get_peft_model(tiny_hf_model("llama"), peft.LoraConfig(
+        r=2, lora_alpha=4, target_modules=["q_proj", "down_proj", "embed_tokens"], use_dora=use_dora))
+    optimizer = create_loraplus_optimizer(peft_model, torch.optim.SGD, lr=lr, loraplus_lr_ratio=ratio,
+                                          loraplus_lr_embedding=lr_embedding)
+    peft_model.save_pretrained(tmp_path / "adapter")
+  group_lr = {id(p): group["lr"] for group in optimizer.param_groups for p in group["params"]}
+  peft_lrs = {name: group_lr[id(p)] for name, p in peft_model.named_parameters() if p.requires_grad}
+
+  model, params = models.from_pretrained(save_hf(tiny_hf_model("llama"), tmp_path / "base"), scan_layers=False)
+  adapters, _ = jlora.peft.from_pretrained(tmp_path / "adapter", model, params, policy=jlora.LoadPolicy(
+      allow_missing_fingerprint=True, max_relative_update=1e9))
+  tx = jlora.lora_plus(optax.sgd, lr, ratio=ratio, lr_embedding=lr_embedding)
+  updates, _ = tx.update(jax.tree.map(jnp.ones_like, adapters), tx.init(adapters))
+  ours = {"/".join(k.key for k in path): -float(np.unique(np.asarray(u))[0])
+          for path, u in jax.tree_util.tree_leaves_with_path(updates)}
+
+  table = module_table(model.config)
+  names = {"lora_A": "lora_a", "lora_B": "lora_b", "lora_embedding_A": "lora_a", "lora_embedding_B": "lora_b",
+           "lora_magnitude_vector": "lora_magnitude"}
+  theirs = {}
+  for name, value in peft_lrs.items():
+    module, leaf = next((name.split(f".{k}")[0], v) for k, v in names.items() if f".{k}." in name or name.endswith(k))
+    theirs[f"{table.by_name[module.removeprefix('base_model.model.')].path}/{leaf}"] = value
+  assert ours == pytest.approx(theirs)
+  assert set(theirs.values()) == ({lr, ratio * lr, lr_embedding})
