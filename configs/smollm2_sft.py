@@ -23,10 +23,10 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   config.model.package_file = "SmolLM2-135M-Instruct.Q4_1.gguf"  # the file inside it (Q4_1, dequantized on load)
   config.model.create_tiny = False  # a tiny random model with the package file's tokenizer and template instead
   config.model.tiny_vocab_size = 4096  # create_tiny: keep the first N tokens of that vocabulary (0 = all 49152)
-  config.model.dtype = "float32"  # compute dtype of the frozen base (bfloat16 is no faster on these CPUs)
+  config.model.dtype = "float32"  # compute dtype of the base (bfloat16: ~5% less CPU per step here, other numerics)
   config.model.param_dtype = "float32"  # storage dtype of the frozen base params
   config.model.scan_layers = True  # stack the 30 decoder layers with nn.scan (one compiled layer)
-  config.model.remat = "none"  # per-layer rematerialisation; short rows fit in memory without it
+  config.model.remat = "none"  # per-layer rematerialisation; "dots" costs 9% more CPU per step, and 4.5 GB fits
 
   config.lora = ml_collections.ConfigDict()  # fields of jlora.LoraConfig
   config.lora.targets = r".*/(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)/kernel"  # all linear layers
@@ -42,7 +42,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   config.data.validation_fraction = 0.15  # share of *modules* held out (hash of the module name)
   config.data.chat_template = "model"  # render chats with the checkpoint's own (Jinja) template
   config.data.seq_len = 256  # tokens per packed row (examples: ~45 prompt + ~15 answer tokens)
-  config.data.batch_size = 4  # packed rows per optimizer step (split into train.accum_steps micro-batches)
+  config.data.batch_size = 4  # packed rows per optimizer step (~16 examples; 6.5 s per step on 2 idle cores)
   config.data.eval_batch_size = 4  # rows per eval batch
   config.data.end_token = "<|im_end|>"  # SmolLM2's end of turn: trained after each answer
   config.data.bos_token = ""  # token before every example ("" for none; the template has none)
@@ -74,7 +74,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   config.optimizer.lora_plus_ratio = 0.0  # LoRA+: lr_B / lr_A; 0 disables
 
   config.train = ml_collections.ConfigDict()
-  config.train.steps = 50  # optimizer steps
+  config.train.steps = 50  # optimizer steps (~0.8 epoch; the job stays near 8-9 minutes on 2 idle cores)
   config.train.accum_steps = 1  # gradient-accumulation micro-batches per step
   config.train.log_every = 5  # steps between train-metric lines
   config.train.eval_every = 25  # steps between evaluations (and at the end)
