@@ -9,8 +9,11 @@ Public API (everything else is private):
 * ``save_adapters``, ``load_adapters``, ``load_adapter_metadata``, ``fingerprint``: adapter-only orbax
   checkpoints carrying the LoraConfig and a fingerprint of the base model.
 * ``Summary``, ``TargetRow``, ``Target``, ``KernelLayout``: the data types.
-* ``Variant``, ``Call``, ``STATE_KEY``: the variant interface; ``LORA``, ``DORA``, ``variant_for`` and the
-  ``jlora.variants`` package: the adapter family (LoRA, DoRA, PiSSA/OLoRA inits), selected by ``LoraConfig``.
+* ``Variant``, ``Call``, ``STATE_KEY``: the variant interface; ``LORA``, ``DORA``, ``VERA``, ``ADALORA``,
+  ``variant_for`` and the ``jlora.variants`` package: the adapter family (LoRA, DoRA, PiSSA/OLoRA inits, VeRA,
+  AdaLoRA), selected by ``LoraConfig``.
+* ``adalora_allocator``, ``AdaLoraAllocatorState``, ``adalora_orth_loss``, ``adalora_resize``: AdaLoRA's rank
+  allocator (optax), orthogonal regulariser, and adapter at its allocated ranks.
 * ``JloraError``: the one error type for unusable configs, adapters and models.
 * ``UnsafeAdapterError``, ``AdapterNormWarning``, ``LoadPolicy``: the safety checks every adapter load path applies
   (never pickle; size caps; float dtypes; exact keys/shapes; finite; fingerprint; SHA256SUMS manifest).
@@ -24,6 +27,7 @@ Public API (everything else is private):
 """
 
 from jlora import quant, sharding, variants  # noqa: E402  (after the names it imports)
+from jlora._adalora import AdaLoraAllocatorState, adalora_allocator, adalora_orth_loss, adalora_resize
 from jlora._adapter_checkpoint import adapter_shapes, load_adapter_metadata, load_adapters, save_adapters
 from jlora._combine import combine
 from jlora._config import LoraConfig
@@ -45,12 +49,18 @@ from jlora._safety import (
 from jlora._summary import Summary, TargetRow
 from jlora._targets import Target
 from jlora._variant import STATE_KEY, Call, Variant
-from jlora.variants import DORA, LORA, variant_for
+from jlora.variants import ADALORA, DORA, LORA, VERA, variant_for
 
 __all__ = [
+    "AdaLoraAllocatorState",
+    "adalora_allocator",
+    "adalora_orth_loss",
+    "adalora_resize",
     "AdapterNormWarning",
     "Call",
+    "ADALORA",
     "DORA",
+    "VERA",
     "LORA",
     "LoadPolicy",
     "NormReport",

@@ -133,9 +133,19 @@ _CONFIG_FIELDS = {
     "dtype": (lambda v: v in ("float32", "bfloat16", "float16"), "'float32', 'bfloat16' or 'float16'"),
     "use_dora": (lambda v: isinstance(v, bool), "true or false"),
     "variant": (lambda v: isinstance(v, str) and v in FAMILIES, "a registered variant family (jlora.variants)"),
+    # VeRA's and AdaLoRA's options (present only in their configs; LoraConfig checks the ranges).
+    **{name: (lambda v: isinstance(v, int) and not isinstance(v, bool), "an int")
+       for name in ("projection_seed", "init_rank", "target_rank", "tinit", "tfinal", "delta_t", "total_step")},
+    **{name: (_is_number, "a finite number") for name in ("d_initial", "beta1", "beta2", "orth_reg_weight")},
+    "save_projection": (lambda v: isinstance(v, bool), "true or false"),
 }
-# Fields added after the first adapters were saved: absent means the default (plain LoRA).
-_ADDED_FIELDS = ("use_dora", "variant")
+# Fields added after the first adapters were saved, or that only some variants have: absent means the default.
+_ADDED_FIELDS = ("use_dora", "variant", "projection_seed", "d_initial", "save_projection", "init_rank", "target_rank",
+                 "tinit", "tfinal", "delta_t", "beta1", "beta2", "orth_reg_weight", "total_step")
+
+
+# Leaves whose last axis is the adapter's rank: LoRA's (and DoRA's, AdaLoRA's) A, VeRA's lambda_d.
+_RANK_LEAVES = ("lora_a", "vera_lambda_d")
 
 
 def _saved_tree(checkpointer: ocp.StandardCheckpointer, item: str) -> dict:
@@ -187,12 +197,13 @@ def _check_config_describes(config: LoraConfig, tree: Mapping, params: Mapping |
   """The stored LoraConfig must describe the restored tree, or it would be returned for adapters it does not fit.
 
   Every adapter node of ``tree`` must hold exactly the leaves of the config's variant (a DoRA tree is not
-  described by a plain LoRA config), and every adapted kernel (a ``lora_a`` leaf's parent, whose last axis is
-  the rank) must be a target of ``config`` with that rank. Given the caller's traced ``lora`` (and ``params``), ``config``
-  must also select exactly ``lora``'s kernels with the same ranks and scales: the norm report and the
-  caller's computation use those.
+  described by a plain LoRA config), and every adapted kernel (a ``lora_a`` or ``vera_lambda_d`` leaf's parent,
+  whose last axis is the rank) must be a target of ``config`` with that rank. Given the caller's traced ``lora``
+  (and ``params``), ``config`` must also select exactly ``lora``'s kernels with the same ranks and scales: the norm
+  report and the caller's computation use those.
   """
-  ranks = {_paths.join(path[:-1]): leaf.shape[-1] for path, leaf in _paths.iter_leaves(tree) if path[-1] == "lora_a"}
+  ranks = {_paths.join(path[:-1]): leaf.shape[-1] for path, leaf in _paths.iter_leaves(tree)
+           if path[-1] in _RANK_LEAVES}
   leaves = set(variant_for(config).leaf_names)
   problems = [f"{_paths.join(path)} has leaves {sorted(node)}, a {variant_for(config).name} adapter {sorted(leaves)}"
               for path, node in _paths.iter_dicts(tree, lambda d: bool(set(trainable_leaves()) & set(d)))

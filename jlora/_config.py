@@ -56,8 +56,17 @@ class LoraConfig:
     dtype: dtype of the adapter leaves (float32 by default, also when the base is bf16).
     use_dora: DoRA: a trained magnitude per output feature on top of LoRA's direction (see
       ``jlora.variants.DORA``).
-    variant: the adapter family, ``"lora"`` (LoRA, and DoRA with ``use_dora``); see
-      ``jlora.variants.VARIANTS`` for the registered names.
+    variant: the adapter family, ``"lora"`` (LoRA, and DoRA with ``use_dora``), ``"vera"`` (VeRA: ``rank``
+      is its ``r``; no alpha) or ``"adalora"`` (AdaLoRA: ``init_rank`` is its rank, ``alpha / init_rank`` its
+      scale); see ``jlora.variants.VARIANTS`` for the registered names.
+    projection_seed, d_initial, save_projection: VeRA's options (PEFT's ``projection_prng_key``,
+      ``d_initial``, ``save_projection``; defaults 0, 0.1, True): the seed of the shared random projections
+      (drawn by jax), the initial ``lambda_d``, and whether a PEFT export stores the projections.
+    init_rank, target_rank, tinit, tfinal, delta_t, beta1, beta2, orth_reg_weight, total_step: AdaLoRA's
+      options (PEFT's ``init_r``, ``target_r``, ``tinit``, ``tfinal``, ``deltaT``, ``beta1``, ``beta2``,
+      ``orth_reg_weight``, ``total_step``; defaults 12, 8, 0, 0, 1, 0.85, 0.85, 0.5, and ``total_step`` is
+      required): see ``jlora.adalora_allocator`` and ``jlora.adalora_orth_loss``.
+    The options of a variant are None in configs of the others; see ``jlora.variants._options``.
 
   Example:
     >>> import jlora
@@ -77,6 +86,18 @@ class LoraConfig:
   dtype: jnp.dtype = jnp.float32
   use_dora: bool = False
   variant: str = "lora"
+  projection_seed: int | None = None
+  d_initial: float | None = None
+  save_projection: bool | None = None
+  init_rank: int | None = None
+  target_rank: int | None = None
+  tinit: int | None = None
+  tfinal: int | None = None
+  delta_t: int | None = None
+  beta1: float | None = None
+  beta2: float | None = None
+  orth_reg_weight: float | None = None
+  total_step: int | None = None
 
   def __post_init__(self):
     rules = self.target_rules
@@ -100,8 +121,10 @@ class LoraConfig:
     if not isinstance(self.use_dora, bool):
       raise JloraError(f"LoraConfig.use_dora must be True or False, got {self.use_dora!r}.")
     from jlora.variants import variant_for  # the registry imports the config type
+    from jlora.variants._options import fill_options
 
     variant_for(self)
+    fill_options(self)
 
   def to_dict(self) -> dict:
     """A JSON-serialisable dict; ``LoraConfig.from_dict`` inverts it."""
@@ -109,6 +132,11 @@ class LoraConfig:
     out["targets"] = list(self.target_rules) if not isinstance(self.targets, str) else self.targets
     out["rank_pattern"], out["alpha_pattern"] = dict(self.rank_pattern), dict(self.alpha_pattern)
     out["dtype"] = jnp.dtype(self.dtype).name
+    from jlora.variants._options import ALL_OPTIONS
+
+    for name in ALL_OPTIONS:  # another variant's options: absent (from_dict gives None back)
+      if out[name] is None:
+        del out[name]
     return out
 
   @classmethod
@@ -137,15 +165,24 @@ class LoraConfig:
     return any(re.fullmatch(rule, path) for rule in self.target_rules)
 
   def rank_for(self, path: str) -> int:
-    """The rank for the kernel at ``path``: the first matching ``rank_pattern``, else ``rank``."""
-    return _first_match(self.rank_pattern, path, self.rank)
+    """The rank for the kernel at ``path``: the first matching ``rank_pattern``, else ``rank`` (AdaLoRA:
+    ``init_rank``)."""
+    return _first_match(self.rank_pattern, path, self.init_rank if self.variant == "adalora" else self.rank)
 
   def alpha_for(self, path: str) -> float:
     """The alpha for the kernel at ``path``: the first matching ``alpha_pattern``, else ``alpha``."""
     return float(_first_match(self.alpha_pattern, path, self.alpha))
 
   def scale_for(self, path: str, rank: int) -> float:
-    """``s`` for the kernel at ``path`` whose adapter has rank ``rank``."""
+    """``s`` for the kernel at ``path`` whose adapter has rank ``rank``.
+
+    VeRA has no scale (1.0). AdaLoRA's is PEFT's ``lora_alpha / (ranknum + 1e-5)`` with ``ranknum`` the
+    initial rank, also after pruning to ``rank``.
+    """
+    if self.variant == "vera":
+      return 1.0
+    if self.variant == "adalora":
+      return self.alpha / (self.init_rank + 1e-5)
     alpha = self.alpha_for(path)
     return alpha / math.sqrt(rank) if self.use_rslora else alpha / rank
 

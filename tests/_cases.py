@@ -250,9 +250,12 @@ def _lifted(case: Case) -> Case:
     return jax.tree.map(lambda v: v[i], tree)
 
   def reference(p, a, s, x_members):
-    per_layer = [case.reference(layer(p["layers"]["inner"], i), layer(a["layers"]["inner"], i), s, x_members[0])
+    def params(stack, i):  # one layer's params, with the variants' shared state (VeRA's projections) if any
+      return {**layer(p[stack]["inner"], i), **{k: v for k, v in p.items() if k == "jlora:state"}}
+
+    per_layer = [case.reference(params("layers", i), layer(a["layers"]["inner"], i), s, x_members[0])
                  for i in range(LIFTED)]
-    per_member = [case.reference(layer(p["members"]["inner"], i), layer(a["members"]["inner"], i), s, x_members[i])
+    per_member = [case.reference(params("members", i), layer(a["members"]["inner"], i), s, x_members[i])
                   for i in range(LIFTED)]
     return np.stack(per_layer), np.stack(per_member)
 
@@ -281,7 +284,18 @@ def assert_tolerance_rejects(want, wrong: dict, *, rtol: float, atol: float) -> 
 
 # The LoraConfig options that select each variant the conformance suite runs (DoRA; PiSSA/OLoRA start from the
 # kernel and rewrite the base; every other option as in the LoRA suite).
-VARIANTS = {"lora": {}, "dora": {"use_dora": True}, "pissa": {"init": "pissa"}, "olora": {"init": "olora"}}
+VARIANTS = {"lora": {}, "dora": {"use_dora": True}, "pissa": {"init": "pissa"}, "olora": {"init": "olora"},
+            # VeRA: shared projections in params["jlora:state"]; AdaLoRA: the suite's rank (2) is its init_rank.
+            "vera": {"variant": "vera"},
+            "adalora": {"variant": "adalora", "init_rank": 2, "target_rank": 1, "total_step": 10}}
+# Module kinds a variant refuses, as PEFT's does (VeRA: linear layers only; AdaLoRA: no embeddings).
+REFUSED = {"vera": ("conv", "embed_tied"), "adalora": ("embed_tied",)}
+
+
+def supports(case, variant) -> bool:
+  """Whether ``variant`` adapts the module kind of ``case`` (a case name or a Case)."""
+  name = getattr(case, "name", case)
+  return name not in REFUSED.get(variant, ())
 
 
 def _roles(layout, n_stack):
@@ -322,6 +336,8 @@ def variant_reference(reference, variant, layouts):
   """The case's numpy reference for ``variant``: LoRA's own formula for LoRA and PiSSA/OLoRA (which differ only in
   where they start), and for DoRA the plain base formula on DoRA's merged kernels (``layouts``: ``{kernel path:
   KernelLayout}``, the paths relative to the case's params)."""
+  if variant in ("vera", "adalora"):
+    return _factored_reference(reference, variant, layouts)
   if variant != "dora":
     return reference
 
@@ -336,3 +352,41 @@ def variant_reference(reference, variant, layouts):
     return reference(p, a, 0.0, *inputs)
 
   return dora
+
+
+def np_effective_factors(node, variant, layout, state=None):
+  """A VeRA or AdaLoRA adapter as LoRA factors ``(A, B)`` (float64 numpy, leading stack axes kept), re-derived:
+
+  * VeRA: ``A = vera_a[:fan_in] * lambda_d``, ``B = vera_b[:, :fan_out] * lambda_b`` (``state`` holds the
+    projections ``vera_a`` ``(max_in, r)`` and ``vera_b`` ``(r, max_out)``);
+  * AdaLoRA: ``A = lora_a * lora_e`` (the singular values scale the rank axis), ``B = lora_b``.
+  """
+  in_shape = tuple(layout.shape[i] for i in layout.in_axes)
+  out_shape = tuple(layout.shape[i] for i in layout.out_axes)
+  if variant == "adalora":
+    a, e = np.asarray(node["lora_a"], np.float64), np.asarray(node["lora_e"], np.float64)
+    return a * e.reshape(e.shape[:-1] + (1,) * len(in_shape) + e.shape[-1:]), np.asarray(node["lora_b"], np.float64)
+  d, b = np.asarray(node["vera_lambda_d"], np.float64), np.asarray(node["vera_lambda_b"], np.float64)
+  rank, lead = d.shape[-1], d.shape[:-1]
+  proj_a = np.asarray(state["vera_a"], np.float64)[:int(np.prod(in_shape))].reshape(in_shape + (rank,))
+  proj_b = np.asarray(state["vera_b"], np.float64)[:, :int(np.prod(out_shape))].reshape((rank,) + out_shape)
+  a = proj_a * d.reshape(lead + (1,) * len(in_shape) + (rank,))
+  b = proj_b * b.reshape(lead + (1,) + out_shape)
+  return a, b
+
+
+def _factored_reference(reference, variant, layouts):
+  """The case's LoRA reference on the variant's effective factors (``np_effective_factors``)."""
+
+  def factored(p, a, s, *inputs):
+    state = p.get("jlora:state", {}).get("vera")
+    for path, layout in layouts.items():
+      keys = path.split("/")
+      node = a
+      for k in keys:
+        node = node[k]
+      lora_a, lora_b = np_effective_factors(node, variant, layout, state)
+      a = _set(a, keys, {"lora_a": lora_a, "lora_b": lora_b})
+    return reference(p, a, s, *inputs)
+
+  return factored

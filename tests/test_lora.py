@@ -26,10 +26,12 @@ from _cases import (
     TiedEmbed,
     _lifted,
     assert_tolerance_rejects,
+    supports,
     variant_reference,
 )
 
 import jlora
+from jlora._variant import STATE_KEY, split_state
 
 ALPHA, RANK = 6.0, 2
 SCALE = ALPHA / RANK
@@ -56,6 +58,13 @@ class Setup:
   lora: jlora.Lora
   adapters: dict
   reference: object  # (params, adapters, scale, *inputs) -> numpy output
+
+  @property
+  def scale(self) -> float:
+    """The adapters' scale (one for every target of a case): alpha / r for LoRA, alpha / (r + 1e-5) for AdaLoRA
+    (PEFT's), 1 for VeRA (no alpha)."""
+    (scale,) = {t.scale for t in self.lora.targets.values()}
+    return scale
 
 
 def _setup(case, variant="lora", **config_kwargs):
@@ -93,16 +102,17 @@ def _ids(p):
   return f"{p[0].name}-{p[1]}"
 
 
-@pytest.fixture(params=[(c, v) for v in VARIANTS for c in CASES], ids=_ids)
+@pytest.fixture(params=[(c, v) for v in VARIANTS for c in CASES if supports(c, v)], ids=_ids)
 def setup(request):
   """Every case under every variant."""
   return _cached_setup(*request.param)
 
 
 # PiSSA/OLoRA share LoRA's runs of the properties that do not depend on where the factors start.
-@pytest.fixture(params=[(c, v) for v in VARIANTS if v not in BASE_REWRITING for c in CASES], ids=_ids)
+@pytest.fixture(params=[(c, v) for v in VARIANTS if v not in BASE_REWRITING for c in CASES if supports(c, v)],
+                ids=_ids)
 def computing(request):
-  """Every case under every variant that computes its own formula (LoRA, DoRA)."""
+  """Every case under every variant that computes its own formula (LoRA, DoRA, VeRA, AdaLoRA)."""
   return _cached_setup(*request.param)
 
 
@@ -122,6 +132,10 @@ def test_adapter_layout(setup):
     for key in path.split("/"):
       node, kernel, original = node[key], kernel[key], original[key]
     layout = target.layout
+    if setup.variant in ("vera", "adalora"):
+      _check_factored_layout(setup, node, target)
+      assert kernel is original
+      continue
     assert set(node) == {"lora_a", "lora_b"} | ({"lora_magnitude"} if setup.variant == "dora" else set())
     assert node["lora_a"].shape == target.stack_shape + layout.a_shape(RANK)
     assert node["lora_b"].shape == target.stack_shape + layout.b_shape(RANK)
@@ -151,6 +165,32 @@ def test_adapter_layout(setup):
       np.testing.assert_allclose(np.asarray(node["lora_magnitude"]).reshape(norms.shape), norms, rtol=1e-6)
 
 
+def _check_factored_layout(setup, node, target):
+  """VeRA: lambda_b (batch + out) at 0, lambda_d (batch + r) at d_initial, and the shared projections sized to the
+  largest fan-in/fan-out, drawn as PEFT draws them; AdaLoRA: A and B at N(0, 0.02), E (batch + r) at 0."""
+  layout, stack = target.layout, target.stack_shape
+  batch = tuple(layout.shape[i] for i in layout.batch_axes)
+  out = tuple(layout.shape[i] for i in layout.out_axes)
+  if setup.variant == "vera":
+    assert {k: v.shape for k, v in node.items()} == {"vera_lambda_b": stack + batch + out,
+                                                      "vera_lambda_d": stack + batch + (RANK,)}
+    assert not np.any(np.asarray(node["vera_lambda_b"])) and np.all(np.asarray(node["vera_lambda_d"]) == np.float32(0.1))
+    projections = setup.params[STATE_KEY]["vera"]
+    max_in = max(t.layout.fan_in for t in setup.lora.targets.values())
+    max_out = max(int(np.prod([t.layout.shape[i] for i in t.layout.out_axes])) for t in setup.lora.targets.values())
+    assert projections["vera_a"].shape == (max_in, RANK) and projections["vera_b"].shape == (RANK, max_out)
+    for name, fan in (("vera_a", max_in), ("vera_b", RANK)):  # kaiming-uniform with gain sqrt(2): U(±sqrt(6 / fan))
+      assert 0 < np.abs(np.asarray(projections[name])).max() <= np.sqrt(6 / fan)
+  else:
+    assert {k: v.shape for k, v in node.items()} == {"lora_a": stack + layout.a_shape(RANK),
+                                                      "lora_e": stack + batch + (RANK,),
+                                                      "lora_b": stack + layout.b_shape(RANK)}
+    assert not np.any(np.asarray(node["lora_e"]))
+    for name in ("lora_a", "lora_b"):
+      assert 0.0 < np.asarray(node[name]).std() < 0.05
+  assert all(v.dtype == jnp.float32 for v in node.values())
+
+
 def test_identity_at_init(setup):
   case = setup.case
   base = case.model.apply({"params": setup.original}, *case.inputs)
@@ -166,7 +206,7 @@ def test_matches_numpy_formula(computing):
   case, params, lora = setup.case, setup.params, setup.lora
   adapters = _nonzero_b(setup.adapters)
   got = lora.apply(params, adapters, *case.inputs)
-  want = setup.reference(params, adapters, SCALE, *case.inputs)
+  want = setup.reference(params, adapters, setup.scale, *case.inputs)
   base = case.model.apply({"params": params}, *case.inputs)
   assert np.abs(np.asarray(base) - want).max() > 1e-2, "the adapter must change the output"
   np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=1e-5, atol=1e-5)
@@ -230,16 +270,19 @@ def test_merge_and_unmerge(setup):
   case, params, lora = setup.case, setup.params, setup.lora
   adapters = _nonzero_b(setup.adapters)
   merged = lora.merge(params, adapters)
+  adapted = lora.apply(params, adapters, *case.inputs)
+  # A variant's shared frozen state (VeRA's projections) is not part of the merged params; unmerging needs it back.
+  params, state = split_state(params)
   chex.assert_trees_all_equal_structs(merged, params)
-  chex.assert_trees_all_close(case.model.apply({"params": merged}, *case.inputs),
-                              lora.apply(params, adapters, *case.inputs), rtol=1e-5, atol=1e-5)
+  chex.assert_trees_all_close(case.model.apply({"params": merged}, *case.inputs), adapted, rtol=1e-5, atol=1e-5)
   if setup.variant == "dora":
     # W' = g ⊙ (W + s A@B) fits any column norm: the merged kernel alone does not give W back (jlora.nnx keeps
     # the norms and unmerges exactly).
     with pytest.raises(jlora.JloraError, match="Cannot unmerge the DoRA adapter"):
       lora.unmerge(merged, adapters)
   else:
-    chex.assert_trees_all_close(lora.unmerge(merged, adapters), params, rtol=1e-6, atol=1e-6)
+    unmerged = lora.unmerge(merged if state is None else {**merged, STATE_KEY: state}, adapters)
+    chex.assert_trees_all_close(unmerged, params, rtol=1e-6, atol=1e-6)
   # Only the targeted kernels change; everything else is the very same array.
   for path, leaf in jax.tree_util.tree_leaves_with_path(params):
     joined = "/".join(k.key for k in path)
@@ -263,13 +306,14 @@ def test_bf16_base_with_fp32_adapters(computing):
   params_bf16 = jax.tree.map(lambda v: v.astype(jnp.bfloat16), params)
   got = lora.apply(params_bf16, adapters, *case.inputs)
   assert got.dtype == jnp.float32
-  want = reference(params_bf16, adapters, SCALE, *case.inputs)
+  want = reference(params_bf16, adapters, setup.scale, *case.inputs)
   np.testing.assert_allclose(np.asarray(got, np.float64), want, **BF16_BASE_TOL)
+  factors = ("lora_a", "lora_b", "vera_lambda_b", "vera_lambda_d")  # VeRA's vectors: what it trains instead of A, B
   factors_bf16 = jax.tree_util.tree_map_with_path(
-      lambda path, v: v.astype(jnp.bfloat16) if path[-1].key in ("lora_a", "lora_b") else v, adapters)
+      lambda path, v: v.astype(jnp.bfloat16) if path[-1].key in factors else v, adapters)
   assert_tolerance_rejects(want, {
-      "A and B rounded to bf16": reference(params_bf16, factors_bf16, SCALE, *case.inputs),
-      "a scale 1% off": reference(params_bf16, adapters, 1.01 * SCALE, *case.inputs),
+      "A and B rounded to bf16": reference(params_bf16, factors_bf16, setup.scale, *case.inputs),
+      "a scale 1% off": reference(params_bf16, adapters, 1.01 * setup.scale, *case.inputs),
   }, **BF16_BASE_TOL)
 
   grads = jax.grad(lambda a: jnp.sum(lora.apply(params_bf16, a, *case.inputs).astype(jnp.float32)))(adapters)
@@ -280,10 +324,24 @@ def test_bf16_base_with_fp32_adapters(computing):
   merged_f32 = lora.merge(jax.tree.map(lambda v: v.astype(jnp.float32), params_bf16), adapters)
   chex.assert_trees_all_equal(merged, jax.tree.map(lambda v: v.astype(jnp.bfloat16), merged_f32))
   served = case.model.apply({"params": merged}, *case.inputs)
-  np.testing.assert_allclose(np.asarray(served, np.float64), case.reference(merged, adapters, 0.0, *case.inputs),
+  np.testing.assert_allclose(np.asarray(served, np.float64), case.reference(merged, _no_adapters(lora), 0.0, *case.inputs),
                              **BF16_BASE_TOL)
   # The served model differs from the adapted one only by the bf16 rounding of the merged kernel.
   chex.assert_trees_all_close(served.astype(jnp.float32), got.astype(jnp.float32), rtol=5e-2, atol=5e-2)
+
+
+def _no_adapters(lora):
+  """Zero LoRA factors for every target: the case's formula with the adapter switched off (the plain model)."""
+  nodes = {tuple(path.split("/")): {"lora_a": np.zeros(t.stack_shape + t.layout.a_shape(1)),
+                                    "lora_b": np.zeros(t.stack_shape + t.layout.b_shape(1))}
+           for path, t in lora.targets.items()}
+  tree = {}
+  for keys, node in nodes.items():
+    sub = tree
+    for k in keys[:-1]:
+      sub = sub.setdefault(k, {})
+    sub[keys[-1]] = node
+  return tree
 
 
 def test_bf16_compute_dtype():
@@ -381,7 +439,8 @@ def _layouts(case):
   return _LAYOUTS[case.name]
 
 
-@pytest.fixture(params=[(c, v) for v in ("lora", "dora") for c in LIFTABLE], ids=lambda p: f"{p[0].name}_lifted-{p[1]}")
+@pytest.fixture(params=[(c, v) for v in ("lora", "dora", "vera", "adalora") for c in LIFTABLE if supports(c, v)],
+                ids=lambda p: f"{p[0].name}_lifted-{p[1]}")
 def lifted_setup(request):
   base, variant = request.param
   reference = variant_reference(base.reference, variant, _layouts(base))
@@ -399,10 +458,14 @@ def test_every_kind_inside_scan_remat_and_vmap(lifted_setup):
   # Random numpy trees from the shapes alone: only the apply and the merged apply are compiled.
   params = _numpy_like(jax.eval_shape(case.model.init, jax.random.key(0), *case.inputs)["params"], 0)
   lora = jlora.Lora(case.model, jlora.LoraConfig(targets=case.targets, rank=RANK, alpha=ALPHA, **VARIANTS[variant]))
-  adapters = _numpy_like(jax.eval_shape(lora.init, jax.random.key(1), params, *case.inputs), 1)
+  with_state, adapters = jax.eval_shape(lambda p: lora.init_with_base(jax.random.key(1), p, *case.inputs), params)
+  adapters = _numpy_like(adapters, 1)
+  if STATE_KEY in with_state:  # VeRA's projections, random like the rest
+    params = {**params, STATE_KEY: _numpy_like(with_state[STATE_KEY], 2)}
   assert sorted(lora.targets) == sorted(f"{stack}/inner/{case.targets[3:]}" for stack in ("layers", "members"))
   assert all(t.stack_shape == (LIFTED,) for t in lora.targets.values())
-  want = case.reference(params, adapters, SCALE, *case.inputs)
+  (scale,) = {t.scale for t in lora.targets.values()}
+  want = case.reference(params, adapters, scale, *case.inputs)
   got = jax.jit(lambda p, a: lora.apply(p, a, *case.inputs))(params, adapters)
   chex.assert_trees_all_close(jax.tree.map(lambda v: np.asarray(v, np.float64), got), want, rtol=1e-5, atol=1e-5)
   base = jax.jit(case.model.apply)({"params": params}, *case.inputs)

@@ -18,7 +18,14 @@ import numpy as np
 import optax
 import pytest
 from _cases import CASES as LINEN_CASES
-from _cases import VARIANTS, _np_conv_same_stride2, assert_tolerance_rejects, np_delta, np_dora_kernel
+from _cases import (
+  VARIANTS,
+  _np_conv_same_stride2,
+  assert_tolerance_rejects,
+  np_delta,
+  np_dora_kernel,
+  np_effective_factors,
+)
 from flax import nnx
 
 import jlora
@@ -34,6 +41,11 @@ BF16_BASE_TOL = dict(rtol=2e-5, atol=2e-5)
 # Other variants are the identity at init up to float32 rounding (see tests/test_lora.py's IDENTITY_TOL).
 IDENTITY_TOL = dict(rtol=1e-5, atol=1e-5)
 BASE_REWRITING = ("pissa", "olora")
+# Variants whose adapter is LoRA's formula on factors of their own (_cases.np_effective_factors), and the cases they
+# refuse: VeRA adapts linear layers only and has one rank and no alpha; AdaLoRA adapts no embeddings and has no
+# alpha_pattern (the block stack sets rank and alpha patterns).
+FACTORED = ("vera", "adalora")
+REFUSED = {"vera": ("conv_strided", "embed_tied", "block_stack"), "adalora": ("embed_tied", "block_stack")}
 
 
 def _rand(shape, seed):
@@ -210,6 +222,9 @@ class Case:
 
   @property
   def scales(self):
+    """The scale per path: as written for the LoRA family; VeRA has none (1), AdaLoRA's is alpha / (r + 1e-5)."""
+    if self.variant in FACTORED:
+      return {path: 1.0 if self.variant == "vera" else ALPHA / (RANK + 1e-5) for path in self.adapters}
     return {path: scale for path, (_, _, scale) in self.adapters.items()}
 
 
@@ -243,15 +258,16 @@ def _ids(case):
   return f"{case.name}-{case.variant}"
 
 
-@pytest.fixture(params=[dataclasses.replace(c, variant=v) for v in VARIANTS for c in CASES], ids=_ids)
+@pytest.fixture(params=[dataclasses.replace(c, variant=v) for v in VARIANTS for c in CASES
+                        if c.name not in REFUSED.get(v, ())], ids=_ids)
 def case(request):
   """Every case under every variant."""
   return request.param
 
 
 # PiSSA/OLoRA share LoRA's runs of the properties that do not depend on where the factors start.
-@pytest.fixture(params=[dataclasses.replace(c, variant=v) for v in VARIANTS if v not in BASE_REWRITING for c in CASES],
-                ids=_ids)
+@pytest.fixture(params=[dataclasses.replace(c, variant=v) for v in VARIANTS if v not in BASE_REWRITING for c in CASES
+                        if c.name not in REFUSED.get(v, ())], ids=_ids)
 def computing(request):
   """Every case under every variant that computes its own formula (LoRA, DoRA)."""
   return request.param
@@ -272,17 +288,17 @@ def _layouts(case) -> dict:
   return _LAYOUTS[case.name]
 
 
-def _reference(case) -> Callable:
-  """The case's numpy reference for its variant: DoRA's is the base formula on its merged kernels."""
+def _reference(case, model=None) -> Callable:
+  """The case's numpy reference for its variant: DoRA's is the base formula on its merged kernels; VeRA's and
+  AdaLoRA's LoRA's formula on their effective factors (VeRA's projections read from ``model``)."""
+  if case.variant in FACTORED:
+    return _factored_reference(case, model)
   if case.variant != "dora":
     return case.reference
   layouts = _layouts(case)
 
-  def copy(tree):
-    return {k: copy(v) if isinstance(v, dict) else v for k, v in tree.items()}
-
   def dora(weights, scales, *inputs):
-    weights = copy(weights)
+    weights = _copy(weights)
     for path, layout in layouts.items():
       *owner_keys, name = path.split("/")
       owner = weights
@@ -292,6 +308,42 @@ def _reference(case) -> Callable:
     return case.reference(weights, {k: 0.0 for k in scales}, *inputs)
 
   return dora
+
+
+def _copy(tree):
+  return {k: _copy(v) if isinstance(v, dict) else v for k, v in tree.items()}
+
+
+def _owner(weights, path):
+  """The dict of the module that owns the kernel at ``path`` (nnx paths index lists by number)."""
+  owner = weights
+  for key in path.split("/")[:-1]:
+    owner = owner[int(key) if key.isdigit() else key]
+  return owner
+
+
+def _factored_reference(case, model) -> Callable:
+  layouts = _layouts(case)
+  states = [m.lora_state_value() for _, m in nnx.iter_modules(model) if hasattr(m, "lora_target")]
+  state = states[0] if states else None
+
+  def factored(weights, scales, *inputs):
+    weights = _copy(weights)
+    for path, layout in layouts.items():
+      owner = _owner(weights, path)
+      owner["lora_a"], owner["lora_b"] = np_effective_factors(owner, case.variant, layout, state)
+    return case.reference(weights, scales, *inputs)
+
+  return factored
+
+
+def _zero_factors(weights, case) -> dict:
+  """``weights`` with zero LoRA factors on every adapted module: the case's formula with the adapter off."""
+  weights = _copy(weights)
+  for path, (a_shape, b_shape, _) in case.adapters.items():
+    owner = _owner(weights, path)
+    owner["lora_a"], owner["lora_b"] = np.zeros(a_shape), np.zeros(b_shape)
+  return weights
 
 
 def _base(case, dtype=None):
@@ -347,6 +399,9 @@ def test_adapter_state(case):
   expected = {}
   for path, (a_shape, b_shape, _) in case.adapters.items():
     owner = path.rsplit("/", 1)[0]
+    if case.variant in FACTORED:
+      expected.update(_factored_shapes(owner, _layouts(case)[path], case.variant))
+      continue
     expected[f"{owner}/lora_a"], expected[f"{owner}/lora_b"] = a_shape, b_shape
     if case.variant == "dora":  # a magnitude per output feature: the kernel's batch and output axes
       layout = _layouts(case)[path]
@@ -356,7 +411,10 @@ def test_adapter_state(case):
   base_flat = {"/".join(map(str, path)): v for path, v in nnx.to_flat_state(nnx.state(_base(case)[0], nnx.Param))}
   for key, value in adapters.items():
     assert value.dtype == jnp.float32
-    if case.variant in BASE_REWRITING:
+    if case.variant in FACTORED:  # VeRA: lambda_b 0, lambda_d d_initial; AdaLoRA: E 0, A and B ~ N(0, 0.02)
+      start = {"vera_lambda_b": 0.0, "vera_lambda_d": 0.1, "lora_e": 0.0}.get(key.rsplit("/", 1)[-1])
+      assert np.all(np.asarray(value) == np.float32(start)) if start is not None else 0 < np.std(value) < 0.05, key
+    elif case.variant in BASE_REWRITING:
       assert np.any(np.asarray(value)), key  # both factors start from the kernel
     elif not key.endswith("lora_magnitude"):
       assert np.any(np.asarray(value)) == key.endswith("lora_a"), key  # A random, B zero
@@ -381,6 +439,16 @@ def test_adapter_state(case):
     chex.assert_trees_all_equal(nnx.to_pure_dict(nnx.state(model, nnx.Param)), base_params)
 
 
+def _factored_shapes(owner, layout, variant) -> dict:
+  """VeRA's vectors (lambda_b: batch + out, lambda_d: batch + r) or AdaLoRA's A, E (batch + r), B, by leaf path."""
+  batch = tuple(layout.shape[i] for i in layout.batch_axes)
+  if variant == "vera":
+    return {f"{owner}/vera_lambda_b": batch + tuple(layout.shape[i] for i in layout.out_axes),
+            f"{owner}/vera_lambda_d": batch + (RANK,)}
+  return {f"{owner}/lora_a": layout.a_shape(RANK), f"{owner}/lora_e": batch + (RANK,),
+          f"{owner}/lora_b": layout.b_shape(RANK)}
+
+
 def test_identity_at_init(case):
   model, base_out, _, _ = _setup(case)
   if case.variant == "lora":
@@ -394,7 +462,7 @@ def test_matches_numpy_formula(computing):
   model, base_out, _, _ = _setup(case)
   _randomize(model)
   got = model(*case.inputs)
-  want = _reference(case)(_weights(model), case.scales, *case.inputs)
+  want = _reference(case, model)(_weights(model), case.scales, *case.inputs)
   assert np.abs(np.asarray(base_out) - want).max() > 1e-2, "the adapter must change the output"
   np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=1e-5, atol=1e-5)
 
@@ -476,10 +544,10 @@ def test_bf16_base_with_fp32_adapters(computing):
   got = model(*case.inputs)
   assert got.dtype == jnp.float32
   weights = _weights(model)
-  reference = _reference(case)
+  reference = _reference(case, model)
   want = reference(weights, case.scales, *case.inputs)
   np.testing.assert_allclose(np.asarray(got, np.float64), want, **BF16_BASE_TOL)
-  factors_bf16 = {"lora_a", "lora_b"}
+  factors_bf16 = {"lora_a", "lora_b", "vera_lambda_b", "vera_lambda_d"}  # VeRA trains vectors instead of A, B
   rounded = jax.tree_util.tree_map_with_path(
       lambda path, v: np.asarray(v.astype(np.float32).astype(jnp.bfloat16), np.float64)
       if path[-1].key in factors_bf16 else v, weights)
@@ -501,11 +569,8 @@ def test_bf16_base_with_fp32_adapters(computing):
                               nnx.to_pure_dict(jax.tree.map(lambda v: v.astype(jnp.bfloat16), merged_f32)))
   served = plain(*case.inputs)
 
-  def merged_weights(weights, plain_weights):  # the merged kernels, the factors kept (they get scale 0)
-    return {k: merged_weights(v, plain_weights[k]) if isinstance(v, dict) else plain_weights.get(k, v)
-            for k, v in weights.items()}
-
-  want_served = case.reference(merged_weights(weights, _weights(plain)), {k: 0.0 for k in case.scales}, *case.inputs)
+  # The merged kernels with the adapter switched off (zero factors at scale 0).
+  want_served = case.reference(_zero_factors(_weights(plain), case), {k: 0.0 for k in case.scales}, *case.inputs)
   np.testing.assert_allclose(np.asarray(served, np.float64), want_served, **BF16_BASE_TOL)
   # The served model differs from the adapted one only by the bf16 rounding of W + s * A @ B.
   chex.assert_trees_all_close(served.astype(jnp.float32), got.astype(jnp.float32), rtol=5e-2, atol=5e-2)

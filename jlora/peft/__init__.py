@@ -5,6 +5,8 @@
   ``peft.PeftModel.from_pretrained`` loads on the transformers model and computes the same outputs.
 * ``from_pretrained(path, model, params)``: load a PEFT LoRA adapter as ``(adapters, LoraConfig)``
   through jlora's safety checks (``jlora.UnsafeAdapterError`` on anything wrong).
+* ``from_pretrained_with_base(path, model, params)``: ``(params', adapters, LoraConfig)`` for every PEFT type,
+  with a VeRA adapter's stored projections added to the params (``params'["jlora:state"]``).
 * ``save_merged(path, model, params, adapters, config)``: the merged model as a Hugging Face checkpoint.
 * ``base_fingerprint(model, params)``: the layout- and precision-independent base fingerprint that
   exported adapters carry.
@@ -32,7 +34,8 @@ Example:
 
 from jlora.peft._export import save_pretrained
 from jlora.peft._fingerprint import base_fingerprint
+from jlora.peft._formats import from_pretrained_with_base
 from jlora.peft._import import from_pretrained
 from jlora.peft._merged import save_merged
 
-__all__ = ["base_fingerprint", "from_pretrained", "save_merged", "save_pretrained"]
+__all__ = ["base_fingerprint", "from_pretrained", "from_pretrained_with_base", "save_merged", "save_pretrained"]

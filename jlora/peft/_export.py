@@ -84,6 +84,12 @@ def save_pretrained(path: str | os.PathLike, adapters: Mapping, config: LoraConf
   exactly their ranks and alphas; GPT-2's ``Conv1D`` sets ``fan_in_fan_out``. A LoRA on a tied input
   embedding (also the LM head in jlora) is written with PEFT's ``ensure_weight_tying`` (Llama family).
 
+  VeRA (``variant="vera"``) is written as PEFT's VeRA (``peft_type`` VERA): ``vera_lambda_b``/``vera_lambda_d``
+  per module and the projections (``params["jlora:state"]["vera"]`` when ``params`` has them, else those
+  ``projection_seed`` draws) as ``base_model.vera_A``/``vera_B``. AdaLoRA (``variant="adalora"``) as PEFT's
+  AdaLoRA: ``lora_A``/``lora_E``/``lora_B`` at each kernel's rank, with PEFT's ``rank_pattern`` for pruned ones
+  (``jlora.adalora_resize``).
+
   DoRA (``use_dora``) adds each module's ``lora_magnitude_vector`` (PEFT's name, ``(fan_out,)``). A
   PiSSA/OLoRA adapter (``init="pissa"``, ...) trains on the residual base, so it is written as PEFT's
   ``path_initial_model_for_weight_conversion`` writes it: the rank-``2r`` plain LoRA ``[A | A0]``,
@@ -111,6 +117,11 @@ def save_pretrained(path: str | os.PathLike, adapters: Mapping, config: LoraConf
       Linear/Conv1D/Embedding weight, GPT-2's tied ``wte``, DoRA on a tied embedding, a PiSSA/OLoRA adapter
       without its ``initial_adapters``), or shapes that do not fit ``model``.
   """
+  if config.variant in ("vera", "adalora"):  # PEFT types with files of their own: jlora.peft._formats
+    from jlora.peft._formats import save_other
+
+    return save_other(path, adapters, config, model, params=params, base_model_name_or_path=base_model_name_or_path,
+                      task_type=task_type, manifest=manifest, initial_adapters=initial_adapters)
   table = module_table(model.config)
   shapes = param_shapes(model)
   if config.variant != "lora":

@@ -45,6 +45,8 @@ _KNOWN = {
     "peft_version", "bias", "use_dora", "modules_to_save", "lora_bias", "loftq_config", "eva_config", "corda_config",
     "lora_ga_config", "megatron_core", "qalora_group_size", "runtime_config",
 }
+# PEFT types with a file format of their own (jlora.peft._formats): VeRA, AdaLoRA.
+OTHER_TYPES = ("VERA", "ADALORA")
 # Initialisations that rewrite the base weights: the adapter is only valid on that modified base.
 _BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
 
@@ -212,6 +214,26 @@ def _one_value(where: pathlib.Path, path: str, modules: list[HfModule], values: 
   return found.pop()
 
 
+def read_directory(path: str | os.PathLike, policy: LoadPolicy) -> tuple[pathlib.Path, pathlib.Path, dict, Any]:
+  """``(directory, weights file, manifest digests, parsed adapter_config.json)`` after the file checks."""
+  directory = pathlib.Path(path)
+  if not directory.is_dir():
+    if directory.exists():
+      refuse_pickle_name(directory)
+    raise UnsafeAdapterError(f"{directory} is not a directory; pass the PEFT adapter directory.")
+  weights = directory / WEIGHTS_FILE
+  if not weights.exists():
+    pickled = sorted(p.name for p in directory.iterdir() if p.name.startswith("adapter_model"))
+    raise _fail(directory, f"no {WEIGHTS_FILE}" + (f"; {pickled} are pickled checkpoints, which jlora never "
+                                                   "unpickles (re-save with safe_serialization=True)" if pickled else "")
+                + ".")
+  digests = verify_manifest(directory, covering=(CONFIG_FILE, WEIGHTS_FILE), policy=policy)
+  config_bytes = read_bytes(directory / CONFIG_FILE, policy.max_json_bytes, "PEFT adapter config")
+  if digests and hashlib.sha256(config_bytes).hexdigest() != digests[CONFIG_FILE]:
+    raise _fail(directory, f"{CONFIG_FILE} changed after the manifest was checked.")
+  return directory, weights, digests, parse_json(config_bytes, str(directory / CONFIG_FILE))
+
+
 def from_pretrained(path: str | os.PathLike, model, params: Mapping, *example_inputs: Any,
                     policy: LoadPolicy | None = None, expected_fingerprint: str | None = None,
                     expected_base_model: str | None = None) -> tuple[dict, LoraConfig]:
@@ -231,7 +253,9 @@ def from_pretrained(path: str | os.PathLike, model, params: Mapping, *example_in
   ``expected_base_model`` when given; PEFT features jlora does not compute (biases, ``modules_to_save``,
   base-changing inits such as unconverted PiSSA/OLoRA, DoRA on a tied embedding) refused; and the
   update-norm report of the adapter's variant (warns, or refuses with ``LoadPolicy(strict=True)``).
-  DoRA adapters (``use_dora``) load with their ``lora_magnitude_vector``s as ``lora_magnitude``.
+  DoRA adapters (``use_dora``) load with their ``lora_magnitude_vector``s as ``lora_magnitude``; AdaLoRA
+  adapters (``peft_type`` ADALORA) with their ``lora_E``, at the ranks of their ``rank_pattern``. A VeRA adapter
+  comes with its projections, frozen state for the params: load it with ``from_pretrained_with_base``.
 
   Args:
     path: the PEFT adapter directory (``adapter_config.json`` + ``adapter_model.safetensors``).
@@ -248,22 +272,12 @@ def from_pretrained(path: str | os.PathLike, model, params: Mapping, *example_in
     ``(adapters, config)``: use them as ``jlora.Lora(model, config).apply(params, adapters, ...)``.
   """
   policy = policy or LoadPolicy()
-  directory = pathlib.Path(path)
-  if not directory.is_dir():
-    if directory.exists():
-      refuse_pickle_name(directory)
-    raise UnsafeAdapterError(f"{directory} is not a directory; pass the PEFT adapter directory.")
-  weights = directory / WEIGHTS_FILE
-  if not weights.exists():
-    pickled = sorted(p.name for p in directory.iterdir() if p.name.startswith("adapter_model"))
-    raise _fail(directory, f"no {WEIGHTS_FILE}" + (f"; {pickled} are pickled checkpoints, which jlora never "
-                                                   "unpickles (re-save with safe_serialization=True)" if pickled else "")
-                + ".")
-  digests = verify_manifest(directory, covering=(CONFIG_FILE, WEIGHTS_FILE), policy=policy)
-  config_bytes = read_bytes(directory / CONFIG_FILE, policy.max_json_bytes, "PEFT adapter config")
-  if digests and hashlib.sha256(config_bytes).hexdigest() != digests[CONFIG_FILE]:
-    raise _fail(directory, f"{CONFIG_FILE} changed after the manifest was checked.")
-  raw = parse_json(config_bytes, str(directory / CONFIG_FILE))
+  directory, weights, digests, raw = read_directory(path, policy)
+  if isinstance(raw, dict) and raw.get("peft_type") in OTHER_TYPES:  # VeRA, AdaLoRA: jlora.peft._formats
+    from jlora.peft._formats import load_other
+
+    return load_other(directory, weights, digests, raw, model, params, example_inputs, policy, expected_fingerprint,
+                      expected_base_model, with_base=False)
   model_type = config_to_hf(model.config)["model_type"]
   config = _check_config(raw, directory, model_type)
   if expected_base_model is not None and config.get("base_model_name_or_path") != expected_base_model:

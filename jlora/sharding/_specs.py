@@ -11,6 +11,7 @@ from jax.sharding import PartitionSpec as P
 
 from jlora import quant
 from jlora._errors import JloraError
+from jlora._variant import STATE_KEY
 from jlora.sharding._rules import compile_rules
 
 _MAX_LISTED = 10
@@ -61,9 +62,10 @@ def spec_problem(spec: P, shape: tuple[int, ...], mesh: Mesh) -> str | None:
 def param_specs(params: Any, rules: Iterable[tuple[str, Any]], mesh: Mesh) -> Any:
   """A ``PartitionSpec`` per parameter: the spec of the first rule whose regex fullmatches its path.
 
-  Paths are '/'-joined (``model/layers/self_attn/q_proj/kernel``). Every spec is checked against the
-  parameter's shape and the mesh: one entry per dimension (or ``P()``, replicated), known mesh axes,
-  and axis sizes that divide the dimension they split (axes of size 1 always do).
+  Paths are '/'-joined (``model/layers/self_attn/q_proj/kernel``). The shared frozen state of adapter variants
+  (``params["jlora:state"]``, e.g. VeRA's projections, small and read by every layer) is replicated unless a rule
+  covers it. Every spec is checked against the parameter's shape and the mesh: one entry per dimension (or ``P()``,
+  replicated), known mesh axes, and axis sizes that divide the dimension they split (axes of size 1 always do).
 
   Args:
     params: a params tree of arrays or ``jax.ShapeDtypeStruct`` (e.g. from ``jax.eval_shape``).
@@ -102,6 +104,8 @@ def param_specs(params: Any, rules: Iterable[tuple[str, Any]], mesh: Mesh) -> An
           except JloraError as e:
             problems.append(f"param '{path}' (rule {regex.pattern!r}): {str(e).rstrip('.')}")
         return spec
+    if path.split("/", 1)[0] == STATE_KEY:  # a variant's shared frozen state (VeRA's projections): replicated
+      return P()
     problems.append(f"no rule covers param '{path}' (shape {shape}); add a (regex, PartitionSpec) rule for it, "
                     "e.g. (regex, P()) to replicate it")
     return P()

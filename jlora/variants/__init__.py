@@ -3,6 +3,9 @@
 * ``LORA``: LoRA; with ``LoraConfig.init`` in ``"pissa"``, ``"pissa_niter_K"``, ``"olora"`` it starts from
   the kernel's SVD/QR factors and leaves the residual as the frozen base (PiSSA, OLoRA).
 * ``DORA``: DoRA, LoRA's direction with a trained magnitude per output feature (``use_dora=True``).
+* ``VERA``: VeRA, shared frozen random projections and two trained vectors per kernel (``variant="vera"``).
+* ``ADALORA``: AdaLoRA, LoRA in SVD form ``A, E, B`` whose triplets a budget prunes (``variant="adalora"``;
+  ``jlora.adalora_allocator``, ``jlora.adalora_orth_loss``, ``jlora.adalora_resize``).
 * ``variant_for(config)``: the variant a ``LoraConfig`` describes (``Lora`` and ``jlora.nnx`` use it).
 * ``register(family, select, variants)``: adds a family (``LoraConfig.variant``, e.g. ``"vera"``): ``select``
   maps a config of that family to one of ``variants``.
@@ -19,9 +22,11 @@ from collections.abc import Callable, Sequence
 
 from jlora._errors import JloraError
 from jlora._variant import Variant
+from jlora.variants._adalora import ADALORA
 from jlora.variants._convert import to_plain_lora
 from jlora.variants._dora import DORA
 from jlora.variants._lora import LORA
+from jlora.variants._vera import VERA
 
 VARIANTS: dict[str, Variant] = {}
 # LoraConfig.variant -> the function that picks the family's variant for a config.
@@ -75,6 +80,8 @@ def variant_for(config) -> Variant:
 
 
 register("lora", lambda config: DORA if config.use_dora else LORA, (LORA, DORA))
+register("vera", lambda config: VERA, (VERA,))
+register("adalora", lambda config: ADALORA, (ADALORA,))
 
-__all__ = ["DORA", "FAMILIES", "LORA", "VARIANTS", "register", "to_plain_lora", "trainable_leaves", "unregister",
-           "variant_for", "vector_leaves"]
+__all__ = ["ADALORA", "DORA", "FAMILIES", "LORA", "VARIANTS", "VERA", "register", "to_plain_lora", "trainable_leaves",
+           "unregister", "variant_for", "vector_leaves"]
