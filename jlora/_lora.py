@@ -137,7 +137,9 @@ class Lora:
         raise JloraError(f"The {self.variant.name} adapter of '{path}' (init={self.config.init!r}) starts from the "
                          "kernel's values, but params are abstract (jax.ShapeDtypeStruct): pass the arrays, or use "
                          "jax.eval_shape(lora.init_with_base, key, params, *inputs) for shapes.")
-      value = kernel.dequantize() if is_quantized(kernel) else kernel
+      # A quantized kernel is dequantized only for a variant that reads its values.
+      value = (kernel.dequantize() if reads else jax.ShapeDtypeStruct(kernel.shape, kernel.dtype)) \
+          if is_quantized(kernel) else kernel
       # Each kernel's key depends on its path only: not on dict order, nor on which other kernels are targeted.
       node_key = jax.random.fold_in(key, zlib.crc32(path.encode()))
       adapters[keys], new_kernel = self.variant.init(node_key, target, self.config, value)
@@ -312,7 +314,7 @@ class Lora:
 
   def summary(self, params: Mapping, adapters: Mapping) -> Summary:
     """Trainable vs total parameters and a per-target table (``print(lora.summary(...))``)."""
-    return summarize(params, adapters, self.targets)
+    return summarize(params, adapters, self.targets, self.variant.name)
 
   def _adapter_nodes(self, adapters: Mapping) -> list[tuple[tuple[str, ...], Mapping]]:
     names = set(self.variant.leaf_names)

@@ -21,11 +21,16 @@ class TargetRow:
 
 @dataclasses.dataclass(frozen=True)
 class Summary:
-  """Trainable (adapter) vs total (frozen base + adapter) parameter counts, with a per-target table."""
+  """Trainable (adapter) vs total (frozen base + adapter) parameter counts, with a per-target table.
+
+  ``trainable`` counts every leaf of the variant (``variant``): DoRA's magnitudes, VeRA's vectors, ...; the
+  frozen side includes a variant's shared frozen state.
+  """
 
   trainable: int
   total: int
   rows: tuple[TargetRow, ...]
+  variant: str = "lora"
 
   @property
   def percent(self) -> float:
@@ -39,7 +44,7 @@ class Summary:
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
     lines = [fmt.format(*header), fmt.format(*("-" * w for w in widths))] + [fmt.format(*row) for row in body]
     lines.append(f"trainable params: {self.trainable:,} || all params: {self.total:,} || "
-                 f"trainable%: {self.percent:.4f}")
+                 f"trainable%: {self.percent:.4f} || variant: {self.variant}")
     return "\n".join(lines)
 
 
@@ -47,7 +52,7 @@ def _size(leaf) -> int:
   return math.prod(leaf.shape)
 
 
-def summarize(params: Mapping, adapters: Mapping, targets: Mapping) -> Summary:
+def summarize(params: Mapping, adapters: Mapping, targets: Mapping, variant: str = "lora") -> Summary:
   """Counts parameters of ``params`` and ``adapters``; ``targets`` maps kernel paths to Targets."""
   rows = []
   trainable = 0
@@ -58,4 +63,4 @@ def summarize(params: Mapping, adapters: Mapping, targets: Mapping) -> Summary:
     kernel = _paths.get(params, tuple(path.split("/")))
     rows.append(TargetRow(path, target.kind, tuple(kernel.shape), target.rank, target.scale, count))
   frozen = sum(_size(leaf) for _, leaf in _paths.iter_leaves(params))
-  return Summary(trainable=trainable, total=frozen + trainable, rows=tuple(rows))
+  return Summary(trainable=trainable, total=frozen + trainable, rows=tuple(rows), variant=variant)

@@ -29,6 +29,9 @@ REQUIRED = (
     "lora_full_compile_ratio_unrolled",
     "decode_tokens_per_s_base",
     "decode_tokens_per_s_lora",
+    "dora_lora_step_ratio",
+    "dora_lora_memory_ratio",
+    "peft_dora_lora_step_ratio",
 )
 
 
@@ -67,7 +70,8 @@ def test_required_figures_are_measured(smoke_report):
   results = smoke_report["results"]
   # Only the decode rates may be null in a smoke run (noise can exceed a 4-token decode) and PEFT
   # when torch is absent; each null says why in its detail.
-  may_be_null = {"decode_tokens_per_s_base", "decode_tokens_per_s_lora", "jlora_peft_step_ratio"}
+  may_be_null = {"decode_tokens_per_s_base", "decode_tokens_per_s_lora", "jlora_peft_step_ratio",
+                 "peft_dora_lora_step_ratio"}
   for name in set(REQUIRED) - may_be_null:
     assert results[name]["value"] is not None and results[name]["value"] > 0, (name, results[name])
   for name in ("lora_full_memory_ratio", "merged_base_forward_ratio", "jlora_nnx_step_ratio", "jlora_peft_step_ratio"):

@@ -21,7 +21,7 @@ from jax.sharding import PartitionSpec as P
 
 import jlora
 import jlora._lora
-from jlora import sharding
+from jlora import quant, sharding
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -224,6 +224,8 @@ def test_adapter_checkpoint_round_trip_and_variant_check(tmp_path):
   config = jlora.LoraConfig(targets=r"proj/kernel", rank=RANK, alpha=ALPHA, use_dora=True)
   lora = jlora.Lora(model, config)
   adapters = jax.tree.map(lambda v: v + 0.1, lora.init(jax.random.key(1), params, x))
+  summary = lora.summary(params, adapters)  # DoRA's trainable count includes its magnitudes
+  assert summary.trainable == 4 * RANK + RANK * 5 + 5 and "variant: dora" in str(summary)
   jlora.save_adapters(tmp_path / "a", adapters, config, base_fingerprint=jlora.fingerprint(params))
   assert jlora.load_adapter_metadata(tmp_path / "a")["lora_config"] == config
   target = jax.eval_shape(lora.init, jax.random.key(1), params, x)
@@ -255,3 +257,23 @@ def test_sharded_dora_equals_unsharded():
   got = jax.jit(lambda p, a: lora.apply(p, a, x))(*sharded)
   np.testing.assert_allclose(np.asarray(got), np.asarray(lora.apply(params, adapters, x)), rtol=1e-5, atol=1e-5)
   assert sharded[1]["kernel"]["lora_magnitude"].sharding.spec == P("data", "tensor")
+
+
+def test_dora_over_a_quantized_base():
+  """QDoRA: over a 4-bit base DoRA's norm and frozen term use the kernel as the module sees it, dequantized inside
+  its call: the same outputs and gradients as DoRA over the dequantized float base."""
+  model = nn.Dense(32, name="proj")
+  x = RNG.normal(size=(2, 3, 64)).astype(np.float32)
+  qparams = quant.quantize(model.init(jax.random.key(0), x)["params"], "kernel")
+  floats = quant.dequantize(qparams)
+  lora = jlora.Lora(model, jlora.LoraConfig(targets="kernel", rank=RANK, alpha=ALPHA, use_dora=True))
+  adapters = lora.init(jax.random.key(1), qparams, x)
+  jax.tree.map(np.testing.assert_array_equal, adapters, lora.init(jax.random.key(1), floats, x))
+  adapters = jax.tree.map(lambda v: v + 0.2 * jnp.asarray(RNG.normal(size=v.shape), v.dtype), adapters)
+
+  def loss(a, p):
+    return jnp.sum(jnp.square(lora.apply(p, a, x)))
+
+  for got, want in zip(jax.value_and_grad(loss)(adapters, qparams), jax.value_and_grad(loss)(adapters, floats)):
+    jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-6), got, want)
+  assert float(loss(adapters, qparams)) != float(jnp.sum(jnp.square(model.apply({"params": floats}, x))))

@@ -204,16 +204,17 @@ def _adapt(plans: list[_Plan], model: nnx.Module, config: LoraConfig, rngs: nnx.
   dropout_stream = _stream(rngs, "dropout", "adapter dropout") if config.dropout > 0 else None
   deterministic = _current_mode(model)
   # Everything is computed before anything is modified: a failing init leaves the model as it was.
+  reads = variant.reads_kernel or config.rewrites_base
   inits = []
   for plan in plans:
     target = plan.target
-    kernel = getattr(plan.module, plan.binding.param)
-    value = kernel.get_value()
+    value = getattr(plan.module, plan.binding.param).get_value()
+    if is_quantized(value):  # dequantized only for a variant that reads the kernel's values
+      value = value.dequantize() if reads else jax.ShapeDtypeStruct(value.shape, value.dtype)
     # Each kernel's key depends on its path only: not on order, nor on which other kernels are targeted.
     adapter, new_kernel = variant.init(jax.random.fold_in(key, zlib.crc32(target.path.encode())), target, config,
-                                       value.dequantize() if is_quantized(value) else value)
-    inits.append((adapter, None if new_kernel is value or (is_quantized(value) and not config.rewrites_base)
-                  else new_kernel))
+                                       value)
+    inits.append((adapter, None if new_kernel is value else new_kernel))
   state = None
   if variant.init_state is not None:
     state = LoraState(variant.init_state(jax.random.fold_in(key, zlib.crc32(b"jlora:state")),

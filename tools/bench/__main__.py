@@ -1,4 +1,4 @@
-"""Command line: ``python -m tools.bench [--suite smoke|quick|full] [--out results.json] [--profile DIR]``.
+"""Command line: ``python -m tools.bench [--suite smoke|quick|full] [--only dora] [--out results.json] [--profile DIR]``.
 
 Prints the results table on stdout (progress goes to stderr) and writes the JSON report to ``--out``
 (or prints it after the table when ``--out`` is omitted).
@@ -18,11 +18,13 @@ def main(argv: list[str] | None = None) -> None:
   parser = argparse.ArgumentParser(prog="python -m tools.bench", description=__doc__)
   parser.add_argument("--suite", choices=sorted(SUITES), default="quick", help="what to measure (default: quick)")
   parser.add_argument("--out", type=Path, help="write the JSON report here")
+  parser.add_argument("--only", choices=["dora"],
+                      help="run one section alone, on the suite's headline train shape (dora: DoRA vs LoRA, jlora and PEFT)")
   parser.add_argument("--profile", type=Path, metavar="DIR",
                       help="also write the largest train shape's optimised HLO and per-op times to DIR")
   args = parser.parse_args(argv)
   command = shlex.join(["python", "-m", "tools.bench", *(sys.argv[1:] if argv is None else argv)])
-  report = run_suite(SUITES[args.suite], command=command, profile_dir=args.profile)
+  report = run_suite(SUITES[args.suite], command=command, profile_dir=args.profile, only=args.only)
   print(format_table(report))
   if args.out is None:
     print(report.dumps())

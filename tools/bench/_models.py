@@ -24,9 +24,11 @@ LORA_ALPHA = 32.0
 LEARNING_RATE = 1e-4
 
 
-def lora_config() -> jlora.LoraConfig:
-  """The LoRA recipe benchmarked everywhere: rank 16, alpha 32, all seven projections, no dropout."""
-  return jlora.LoraConfig(targets=rf".*/({'|'.join(PROJECTIONS)})/kernel", rank=LORA_RANK, alpha=LORA_ALPHA)
+def lora_config(*, use_dora: bool = False) -> jlora.LoraConfig:
+  """The LoRA recipe benchmarked everywhere: rank 16, alpha 32, all seven projections, no dropout (DoRA: the same
+  recipe with ``use_dora=True``)."""
+  return jlora.LoraConfig(targets=rf".*/({'|'.join(PROJECTIONS)})/kernel", rank=LORA_RANK, alpha=LORA_ALPHA,
+                          use_dora=use_dora)
 
 
 # The same rank on one projection only (the first layer's q_proj, layers unrolled): its train step is
@@ -107,17 +109,17 @@ class LinenSetup:
   ids: jax.Array
 
 
-def linen_setup(shape: Shape, *, scan: bool, abstract: bool = False, seed: int = 0) -> LinenSetup:
-  """Builds the linen model of ``shape`` from random init, with its LoRA adapters (``B = 0``)."""
+def linen_setup(shape: Shape, *, scan: bool, abstract: bool = False, seed: int = 0,
+                use_dora: bool = False) -> LinenSetup:
+  """Builds the linen model of ``shape`` from random init, with its LoRA (or DoRA) adapters (``B = 0``)."""
   model = models.LlamaForCausalLM(shape.llama_config(scan=scan))
   keys = jax.random.split(jax.random.key(seed), 3)
   ids = shape.token_batch(keys[0])
   init = jax.jit(lambda key: model.init(key, ids)["params"])
   params = jax.eval_shape(init, keys[1]) if abstract else init(keys[1])
-  lora = jlora.Lora(model, lora_config())
-  adapters = lora.init(keys[2], params, ids)
-  if abstract:
-    adapters = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), adapters)
+  lora = jlora.Lora(model, lora_config(use_dora=use_dora))
+  # DoRA's magnitude starts from the kernels' values: abstract params give abstract adapters through eval_shape.
+  adapters = jax.eval_shape(lora.init, keys[2], params, ids) if abstract else lora.init(keys[2], params, ids)
   return LinenSetup(model, params, lora, adapters, ids)
 
 

@@ -104,13 +104,14 @@ def jlora_linen_one_adapter(setup: LinenSetup) -> Contender:
                                   "LlamaForCausalLM")
 
 
-def peft_torch(shape: Shape, threads: int, *, one_adapter: bool = False) -> Contender | str:
+def peft_torch(shape: Shape, threads: int, *, one_adapter: bool = False, use_dora: bool = False) -> Contender | str:
   """Hugging Face PEFT on torch CPU: ``transformers.LlamaForCausalLM`` + ``peft.get_peft_model``.
 
   Same shapes, same LoRA recipe (rank, alpha, the seven projections, no dropout), same loss and AdamW
   (``torch.optim.AdamW`` on the trainable parameters), ``torch.set_num_threads(threads)``, and
   transformers' default attention implementation (``sdpa``). With ``one_adapter`` only the first
-  layer's ``q_proj`` is adapted (see ``jlora_linen_one_adapter``).
+  layer's ``q_proj`` is adapted (see ``jlora_linen_one_adapter``); with ``use_dora`` the adapters are
+  PEFT's DoRA (``use_dora=True``).
 
   Returns:
     The contender, or a string saying why torch/transformers/peft could not be used.
@@ -139,7 +140,7 @@ def peft_torch(shape: Shape, threads: int, *, one_adapter: bool = False) -> Cont
   )
   model = transformers.LlamaForCausalLM(config)
   model = peft.get_peft_model(model, peft.LoraConfig(
-      r=LORA_RANK, lora_alpha=LORA_ALPHA, lora_dropout=0.0,
+      r=LORA_RANK, lora_alpha=LORA_ALPHA, lora_dropout=0.0, use_dora=use_dora,
       target_modules=ONE_ADAPTER_PEFT_TARGET if one_adapter else list(PROJECTIONS)))
   model.train()
   trainable = [p for p in model.parameters() if p.requires_grad]
@@ -154,6 +155,6 @@ def peft_torch(shape: Shape, threads: int, *, one_adapter: bool = False) -> Cont
 
   attention = getattr(model.config, "_attn_implementation", "default")
   which = f"one adapter ({ONE_ADAPTER_PEFT_TARGET})" if one_adapter else "all seven projections"
-  return Contender(step, None, f"PEFT {peft.__version__} LoRA rank {LORA_RANK} on {which} of transformers "
+  return Contender(step, None, f"PEFT {peft.__version__} {'DoRA' if use_dora else 'LoRA'} rank {LORA_RANK} on {which} of transformers "
                                f"{transformers.__version__} LlamaForCausalLM ({shape.describe()}), torch "
                                f"{torch.__version__} with {threads} threads, attention {attention}")

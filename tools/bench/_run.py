@@ -15,9 +15,19 @@ from pathlib import Path
 
 import jax
 
+import jlora
 from tools.bench import _machine
 from tools.bench._inference import decode_contenders, forward_contenders
-from tools.bench._models import Shape, copy_tree, full_train_step, linen_setup, lora_train_step, optimizer
+from tools.bench._models import (
+  LORA_RANK,
+  Shape,
+  copy_tree,
+  full_train_step,
+  linen_setup,
+  lora_config,
+  lora_train_step,
+  optimizer,
+)
 from tools.bench._peers import flax_nnx_lora, jlora_linen_one_adapter, jlora_nnx, peft_torch
 from tools.bench._profile import op_times, write_profile
 from tools.bench._report import Report
@@ -30,6 +40,7 @@ STEP_FLOP_GAP_TARGET = 0.03  # |step-time ratio - FLOP ratio|, same decoder
 MEMORY_TARGET = 0.35  # LoRA/full peak memory where parameters dominate
 MERGED_TARGET = 1.02  # merged forward / base forward
 PEER_TARGET = 1.0  # jlora / peer
+DORA_TARGET = 1.15  # DoRA/LoRA step time, for the d_model=2048, T=512 decoder
 _MIB = 2**20
 
 
@@ -105,6 +116,61 @@ def _train_steps(report: Report, suite: Suite, bench: Workbench, shape: Shape, p
   report.add(f"lora_full_memory_ratio@{label}", memory_ratio, None,
              f"compiled memory_analysis with scan, LoRA {lora.memory.describe()}; full {full.memory.describe()}")
   _compile_figures(report, label, {"scan": (full, lora), "unrolled": (full_flat, lora_flat)}, headline)
+
+
+def _dora(report: Report, suite: Suite, bench: Workbench, shape: Shape) -> None:
+  """DoRA vs LoRA train steps on one shape (jlora's, and PEFT's on torch), timed in the same interleaved rounds.
+
+  jlora's DoRA never forms ``W + s B A``: its column norm comes from ``||W||²``, a ``W^T A`` product and the
+  ``r x r`` Gram, all detached; the step-time and memory ratios show what that costs over LoRA.
+  """
+  label, tx = shape.label, bench.tx
+  _log(f"dora {label}: {shape.describe()}")
+  lora, dora = (bench.train_step(shape, scan=True, arm=arm) for arm in ("lora", "dora"))
+  setup = bench.concrete(shape, scan=True)
+  dora_lora = jlora.Lora(setup.model, lora_config(use_dora=True))
+  dora_adapters = dora_lora.init(jax.random.key(2), setup.params, setup.ids)
+  contenders: dict[str, Callable] = {
+      "jlora_lora": Stepper(lora.executable, (copy_tree(setup.adapters), tx.init(setup.adapters)), setup.params,
+                            setup.ids),
+      "jlora_dora": Stepper(dora.executable, (dora_adapters, tx.init(dora_adapters)), setup.params, setup.ids)}
+  details = {"jlora_lora": "jlora.Lora", "jlora_dora": "jlora.Lora with use_dora=True"}
+  peft_reason = ""
+  for name, use_dora in (("peft_lora", False), ("peft_dora", True)):
+    peft = peft_torch(shape, _machine.usable_cores(), use_dora=use_dora)
+    if isinstance(peft, str):
+      peft_reason = peft
+      break
+    contenders[name], details[name] = peft.run, peft.detail
+  if peft_reason:
+    contenders.pop("peft_lora", None)
+  _log(f"dora {label}: timing {', '.join(contenders)}")
+  times = time_interleaved(contenders, warmup=suite.warmup, reps=suite.reps, budget_s=suite.budget_s)
+  for name, timing in times.items():
+    report.add(f"{name}_step_ms@{label}", timing.median_s * 1e3, None, f"{details[name]}; {_timed(timing)}")
+  applies = _targets_apply(shape)
+  not_applicable = "" if applies else "; the target is stated for d_model=2048, T=512 (full suite), so none here"
+  ratio = paired_ratio(times["jlora_dora"], times["jlora_lora"])
+  report.add("dora_lora_step_ratio", ratio, DORA_TARGET if applies else None,
+             f"jlora DoRA/LoRA, median of same-round ratios ({_spread(times['jlora_dora'], times['jlora_lora'])}; "
+             f"CPU-time ratio {paired_ratio(times['jlora_dora'], times['jlora_lora'], cpu=True):.3f}); rank "
+             f"{LORA_RANK} on the seven projections, nn.scan layers, AdamW; {shape.describe()}{not_applicable}")
+  report.add("dora_lora_flop_ratio", dora.flops / lora.flops, None,
+             f"XLA cost_analysis, DoRA {dora.flops / 1e9:.2f} / LoRA {lora.flops / 1e9:.2f} GFLOP (nn.scan: the layer "
+             "body counted once in both)")
+  report.add("dora_lora_memory_ratio", dora.memory.peak_bytes / lora.memory.peak_bytes, None,
+             f"compiled memory_analysis with scan, DoRA {dora.memory.describe()}; LoRA {lora.memory.describe()}")
+  report.add("dora_step_peak_mib", dora.memory.peak_bytes / _MIB, None,
+             f"compiled memory_analysis (argument + output - alias + temp), frozen base included; {shape.describe()}")
+  if peft_reason:
+    report.add("peft_dora_lora_step_ratio", None, None, peft_reason)
+  else:
+    report.add("peft_dora_lora_step_ratio", paired_ratio(times["peft_dora"], times["peft_lora"]), None,
+               f"PEFT DoRA/LoRA on torch, the same shapes and recipe, median of same-round ratios "
+               f"({_spread(times['peft_dora'], times['peft_lora'])}); PEFT forms W + s B A and its norm every step")
+    report.add("jlora_peft_dora_step_ratio", paired_ratio(times["jlora_dora"], times["peft_dora"]), None,
+               f"jlora DoRA / PEFT DoRA ({_spread(times['jlora_dora'], times['peft_dora'])})")
+  del contenders
 
 
 def _compile_figures(report: Report, label: str, pairs: dict[str, tuple[CompiledStep, CompiledStep]],
@@ -292,8 +358,11 @@ def _inference(report: Report, suite: Suite, bench: Workbench) -> None:
              "time per decoded token with unmerged adapters / without" if both else "a decode rate is missing")
 
 
-def run_suite(suite: Suite, *, command: str, profile_dir: Path | None = None) -> Report:
-  """Runs every measurement of ``suite`` and returns the report (machine, versions, load, figures)."""
+def run_suite(suite: Suite, *, command: str, profile_dir: Path | None = None, only: str | None = None) -> Report:
+  """Runs every measurement of ``suite`` and returns the report (machine, versions, load, figures).
+
+  ``only="dora"`` runs the DoRA section alone, on the suite's headline train shape.
+  """
   report = Report(
       suite=suite.name,
       command=command,
@@ -307,10 +376,17 @@ def run_suite(suite: Suite, *, command: str, profile_dir: Path | None = None) ->
   bench = Workbench()
   later = {suite.memory_shape, suite.peer_shape, suite.inference_shape}
   with _machine.LoadSampler() as load:
+    if only == "dora":
+      _dora(report, suite, bench, suite.train_shapes[-1])
+      report.machine["load_average_1min"] = load.summary()
+      report.machine["wall_s"] = round(time.perf_counter() - start, 1)
+      return report
     if jax.devices()[0].platform != "cpu":
       _memory(report, bench, suite.memory_shape)  # first, while the device's peak-memory counter is fresh
     for shape in suite.train_shapes:
       _train_steps(report, suite, bench, shape, profile_dir if shape == suite.train_shapes[-1] else None)
+      if shape == suite.train_shapes[-1]:
+        _dora(report, suite, bench, shape)
       if shape not in later:
         bench.release(shape)
     if jax.devices()[0].platform == "cpu":

@@ -14,7 +14,7 @@ import jax
 from tools.bench._models import LinenSetup, Shape, full_train_step, linen_setup, lora_train_step, optimizer
 from tools.bench._timing import CompiledStep, compile_step
 
-Arm = Literal["full", "lora"]
+Arm = Literal["full", "lora", "dora"]
 
 
 class Workbench:
@@ -33,22 +33,24 @@ class Workbench:
       self._cache[key] = build()
     return self._cache[key]
 
-  def abstract(self, shape: Shape, *, scan: bool) -> LinenSetup:
-    """The linen model of ``shape`` with ``ShapeDtypeStruct`` params and adapters."""
-    return self._get(("abstract", shape, scan), lambda: linen_setup(shape, scan=scan, abstract=True))
+  def abstract(self, shape: Shape, *, scan: bool, use_dora: bool = False) -> LinenSetup:
+    """The linen model of ``shape`` with ``ShapeDtypeStruct`` params and adapters (DoRA's with ``use_dora``)."""
+    return self._get(("abstract", shape, scan, use_dora),
+                     lambda: linen_setup(shape, scan=scan, abstract=True, use_dora=use_dora))
 
-  def concrete(self, shape: Shape, *, scan: bool) -> LinenSetup:
+  def concrete(self, shape: Shape, *, scan: bool, use_dora: bool = False) -> LinenSetup:
     """The linen model of ``shape`` with randomly initialised params and fresh adapters (``B = 0``)."""
-    return self._get(("concrete", shape, scan), lambda: linen_setup(shape, scan=scan))
+    return self._get(("concrete", shape, scan, use_dora), lambda: linen_setup(shape, scan=scan, use_dora=use_dora))
 
   def train_step(self, shape: Shape, *, scan: bool, arm: Arm) -> CompiledStep:
-    """The compiled full fine-tuning or LoRA train step of ``shape``, donating its trainable and optimizer state.
+    """The compiled full fine-tuning, LoRA or DoRA train step of ``shape``, donating its trainable and optimizer
+    state.
 
-    Argument order: full ``(params, opt_state, ids)``; LoRA ``(adapters, opt_state, params, ids)``.
+    Argument order: full ``(params, opt_state, ids)``; LoRA and DoRA ``(adapters, opt_state, params, ids)``.
     """
 
     def build() -> CompiledStep:
-      setup, tx = self.abstract(shape, scan=scan), self.tx
+      setup, tx = self.abstract(shape, scan=scan, use_dora=arm == "dora"), self.tx
       if arm == "full":
         return compile_step(full_train_step(setup.model, tx), setup.params, jax.eval_shape(tx.init, setup.params),
                             setup.ids, donate_argnums=(0, 1))
