@@ -39,6 +39,8 @@ def _nodes(tree: Any, what: str) -> tuple[dict[str, dict[str, int]], list, Any]:
   flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
   nodes: dict[str, dict[str, int]] = {}
   for i, (path, _) in enumerate(flat):
+    if path and isinstance(path[-1], jax.tree_util.GetAttrKey) and path[-1].name == "value":
+      path = path[:-1]  # an nnx Variable's value (nnx.state(model, jlora.nnx.LoraParam))
     name = _key_name(path[-1]) if path else ""
     if name in _LEAVES:
       nodes.setdefault("/".join(_key_name(k) for k in path[:-1]), {})[name] = i
@@ -95,7 +97,7 @@ def adalora_orth_loss(adapters: Any, config) -> jax.Array:
     rank = a.shape[-1]
     a = a.reshape(lead + (-1, rank))
     b = b.reshape(lead + (rank, -1))
-    eye = jnp.eye(rank, dtype=jnp.float32)
+    eye = jnp.eye(rank, dtype=jnp.float32).reshape((1,) * len(lead) + (rank, rank))
     gram_a = jnp.einsum("...ir,...iq->...rq", a, a, precision=_HIGHEST)
     gram_b = jnp.einsum("...ro,...qo->...rq", b, b, precision=_HIGHEST)
     total = total + jnp.sum(_safe_norm(gram_a - eye, (-2, -1))) + jnp.sum(_safe_norm(gram_b - eye, (-2, -1)))
