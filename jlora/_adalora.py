@@ -166,7 +166,8 @@ def adalora_allocator(tx: optax.GradientTransformation, config) -> optax.Gradien
     A ``GradientTransformation`` whose state is an ``AdaLoraAllocatorState`` (``state.masks`` is the allocation).
     Use it as the outermost transformation: ``updates, state = tx.update(grads, state, adapters)``, then
     ``optax.apply_updates(adapters, updates)`` gives PEFT's parameters after ``optimizer.step()`` and
-    ``update_and_allocate(t)``.
+    ``update_and_allocate(t)``. With nnx: ``nnx.Optimizer(model, adalora_allocator(tx, config),
+    wrt=jlora.nnx.LoraParam)`` (the masks are then keyed by module path).
 
   Example:
     >>> import jax, jax.numpy as jnp, optax, jlora
