@@ -17,9 +17,10 @@ from jlora._targets import Target
 from jlora._variant import Call
 from jlora.quant._quantized import is_quantized
 
-# Output features are the output's trailing axis for these kinds: no batch axes, one output axis (nn.Conv is
-# NHWC, nn.Embed's lookup ends in its features). The einsum family places them by its equation.
-TRAILING_FEATURES = ("conv", "embed")
+# Output features are the output's trailing axis for these kinds: no batch axes, one output axis (nn.Dense
+# contracts the input's last axis, nn.Conv is NHWC, nn.Embed's lookup ends in its features). DenseGeneral and
+# Einsum place them by their equation, which the probe follows.
+TRAILING_FEATURES = ("dense", "conv", "embed")
 
 
 def input_name(method: str) -> str:

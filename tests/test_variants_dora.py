@@ -100,10 +100,17 @@ def _torch_forward(peft_model):
   return (m.proj(torch.from_numpy(X)), m.conv(image).permute(0, 2, 3, 1), m.embed(torch.from_numpy(IDS)))
 
 
+_LORAS = {}
+
+
 def _lora(**config):
-  lora = jlora.Lora(Trio(), dataclasses.replace(CONFIG, **config))
-  lora.trace(jax.eval_shape(Trio().init, jax.random.key(0), X, IMAGE, IDS)["params"], X, IMAGE, IDS)
-  return lora
+  """The traced Lora of the twin (once per config)."""
+  key = tuple(sorted(config.items()))
+  if key not in _LORAS:
+    lora = jlora.Lora(Trio(), dataclasses.replace(CONFIG, **config))
+    lora.trace(jax.eval_shape(Trio().init, jax.random.key(0), X, IMAGE, IDS)["params"], X, IMAGE, IDS)
+    _LORAS[key] = lora
+  return _LORAS[key]
 
 
 def test_outputs_and_gradients_equal_peft():
@@ -119,11 +126,12 @@ def test_outputs_and_gradients_equal_peft():
 
   # The same loss, differentiated by torch through PEFT's detached norm and by JAX through jlora's.
   sum(o.square().sum() for o in outputs).backward()
-  grads = jax.grad(lambda a: sum(jnp.sum(jnp.square(o)) for o in lora.apply(params, a, X, IMAGE, IDS)))(adapters)
+  grads = jax.jit(jax.grad(lambda a: sum(jnp.sum(jnp.square(o)) for o in lora.apply(params, a, X, IMAGE, IDS))))(
+      adapters)
   theirs = _jlora_twin_grads(peft_model)
   jax.tree.map(lambda ours, t: np.testing.assert_allclose(np.asarray(ours), t, rtol=1e-4, atol=1e-4), grads, theirs)
   # The gradient of m would differ by far more had the norm not been detached.
-  undetached = jax.grad(lambda a: sum(jnp.sum(jnp.square(o)) for o in _undetached_apply(params, a)))(adapters)
+  undetached = jax.jit(jax.grad(lambda a: sum(jnp.sum(jnp.square(o)) for o in _undetached_apply(params, a))))(adapters)
   assert np.abs(np.asarray(undetached["proj"]["kernel"]["lora_a"] - theirs["proj"]["kernel"]["lora_a"])).max() > 1e-2
 
 
@@ -274,6 +282,7 @@ def test_dora_over_a_quantized_base():
   def loss(a, p):
     return jnp.sum(jnp.square(lora.apply(p, a, x)))
 
-  for got, want in zip(jax.value_and_grad(loss)(adapters, qparams), jax.value_and_grad(loss)(adapters, floats)):
+  both = jax.jit(lambda a, q, f: (jax.value_and_grad(loss)(a, q), jax.value_and_grad(loss)(a, f)))
+  for got, want in zip(*both(adapters, qparams, floats)):
     jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-6), got, want)
   assert float(loss(adapters, qparams)) != float(jnp.sum(jnp.square(model.apply({"params": floats}, x))))

@@ -16,7 +16,7 @@ from jlora._targets import Target
 from jlora._variant import Call
 
 # Output features are the output's trailing axis for these kinds (no batch axes, one output axis).
-TRAILING_FEATURES = ("conv", "embed")
+TRAILING_FEATURES = ("linear", "conv", "embed")
 
 
 class _View:
