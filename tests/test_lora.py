@@ -439,7 +439,13 @@ def _layouts(case):
   return _LAYOUTS[case.name]
 
 
-@pytest.fixture(params=[(c, v) for v in ("lora", "dora", "vera", "adalora") for c in LIFTABLE if supports(c, v)],
+# VeRA and AdaLoRA lifted where their factors meet kernel-batch or interleaved axes (and AdaLoRA's convolution): the
+# plain kinds add no code path of theirs beyond scan_remat/vmap in CASES.
+_LIFTED_FACTORED = ("dense_general_batch_dims", "einsum_interleaved", "einsum_per_head", "conv")
+
+
+@pytest.fixture(params=[(c, v) for v in ("lora", "dora", "vera", "adalora") for c in LIFTABLE if supports(c, v)
+                        and (v in ("lora", "dora") or c.name in _LIFTED_FACTORED)],
                 ids=lambda p: f"{p[0].name}_lifted-{p[1]}")
 def lifted_setup(request):
   base, variant = request.param

@@ -297,7 +297,7 @@ def test_allocator_runs_on_nnx_and_under_jit():
   np.testing.assert_array_equal(np.asarray(model.lora_e[...]) != 0, np.asarray(masks))
 
 
-def test_resize_keeps_the_output_and_pads_stacked_layers():
+def test_resize_keeps_the_output_and_pads_stacked_layers(tmp_path):
   """Kept triplets in order, pruned ones dropped; a stacked kernel keeps its largest layer's rank, the other layers
   padded with pruned triplets at E = 0; a kernel that keeps nothing keeps one such triplet."""
   from _cases import ScannedStack
@@ -325,6 +325,16 @@ def test_resize_keeps_the_output_and_pads_stacked_layers():
                              lora.apply(params, masked, x), rtol=1e-6, atol=1e-6)
   with pytest.raises(jlora.JloraError, match="masks are for"):
     jlora.adalora_resize(adapters, {"head/kernel": masks["head/kernel"]}, config)
+  # The adapter checkpoint records the allocated ranks, and checks the tree against them.
+  resized_lora = jlora.Lora(model, resized_config)
+  resized_lora.trace(params, x)
+  jlora.save_adapters(tmp_path / "a", resized, resized_config, base_fingerprint=jlora.fingerprint(params))
+  loaded, loaded_config = jlora.load_adapters(tmp_path / "a", jax.eval_shape(lambda: resized), params=params,
+                                              lora=resized_lora)
+  assert loaded_config == resized_config
+  jlora.save_adapters(tmp_path / "b", resized, config, base_fingerprint=jlora.fingerprint(params))
+  with pytest.raises(jlora.UnsafeAdapterError, match="has rank 3, the config says 4"):
+    jlora.load_adapters(tmp_path / "b", jax.eval_shape(lambda: resized), params=params)
 
 
 def test_config_checks():
