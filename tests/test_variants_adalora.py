@@ -18,8 +18,10 @@ import optax
 import peft
 import pytest
 import torch
-from _cases import TiedEmbed
+from _cases import ScannedStack, TiedEmbed
 from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 from peft.optimizers import create_loraplus_optimizer
 from test_models_references import tiny_hf_model
 from test_peft import ALLOW_NO_FINGERPRINT, IDS, MASK, _close, _jlora_outputs, _torch_outputs, bases  # noqa: F401
@@ -27,6 +29,7 @@ from test_peft import ALLOW_NO_FINGERPRINT, IDS, MASK, _close, _jlora_outputs, _
 import jlora
 import jlora.nnx
 import jlora.peft
+from jlora import sharding
 from jlora._adalora import budget_table, triplet_scores
 from jlora.peft._modules import module_table
 
@@ -300,8 +303,6 @@ def test_allocator_runs_on_nnx_and_under_jit():
 def test_resize_keeps_the_output_and_pads_stacked_layers(tmp_path):
   """Kept triplets in order, pruned ones dropped; a stacked kernel keeps its largest layer's rank, the other layers
   padded with pruned triplets at E = 0; a kernel that keeps nothing keeps one such triplet."""
-  from _cases import ScannedStack
-
   model, x = ScannedStack(), np.asarray(RNG.normal(size=(2, 4)), np.float32)
   params = model.init(jax.random.key(0), x)["params"]
   config = jlora.LoraConfig(targets=r".*/kernel", variant="adalora", init_rank=4, target_rank=1, total_step=10)
@@ -422,3 +423,23 @@ def test_peft_adalora_refusals(bases, tmp_path):  # noqa: F811
     (tmp_path / "adapter_config.json").write_text(json.dumps({**raw, **change}))
     with pytest.raises(jlora.UnsafeAdapterError, match=match):
       jlora.peft.from_pretrained(tmp_path, model, params, policy=ALLOW_NO_FINGERPRINT)
+
+
+def test_sharded_adalora_equals_unsharded():
+  """Each leaf split like the kernel axes it stands for: on a per-head einsum (a kernel-batch axis n), E is split
+  like n, A like n and the input axis, B like n and the output axis; the rank axis never."""
+  model = nn.Einsum((4, 6, 8), "bnd,ndh->bnh", use_bias=False, name="proj")
+  x = RNG.normal(size=(2, 4, 6)).astype(np.float32)
+  params = model.init(jax.random.key(0), x)["params"]
+  config = jlora.LoraConfig(targets="kernel", variant="adalora", init_rank=2, target_rank=1, total_step=10)
+  lora = jlora.Lora(model, config)
+  adapters = jax.tree.map(lambda v: v + 0.5, lora.init(jax.random.key(1), params, x))
+  mesh = sharding.make_mesh({"data": 2, "tensor": 4})
+  specs = {"kernel": P("data", None, "tensor")}
+  adapter_specs = sharding.adapter_specs(adapters, specs, lora.targets)
+  assert adapter_specs == {"kernel": {"lora_a": P("data", None, None), "lora_e": P("data", None),
+                                      "lora_b": P("data", None, "tensor")}}
+  place = jax.tree.map(lambda s: NamedSharding(mesh, s), (specs, adapter_specs))
+  sharded = jax.device_put((params, adapters), place)
+  got = jax.jit(lambda p, a: lora.apply(p, a, x))(*sharded)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(lora.apply(params, adapters, x)), **TOL)

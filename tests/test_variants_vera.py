@@ -351,3 +351,23 @@ def test_gpt2_medium_parameter_counts_of_the_vera_and_lora_papers():
   assert vera == 24 * per_layer_q_and_v["vera"] == 98_304  # 0.098M, as the VeRA paper
   assert lora == 24 * per_layer_q_and_v["lora"] == 393_216  # 0.39M; the papers print 0.35M
   assert round(vera / 1e6, 3) == 0.098
+
+
+def test_sharded_vera_equals_unsharded():
+  """param_specs replicates the projections (no rule needed), adapter_specs splits lambda_b like the kernel's output
+  axes: a jitted apply on 8 devices computes what one device does."""
+  model = nn.Einsum((2, 4, 8), "btd,ndh->btnh", name="proj")
+  x = np.random.default_rng(1).normal(size=(4, 3, 4)).astype(np.float32)
+  params = model.init(jax.random.key(0), x)["params"]
+  lora = jlora.Lora(model, jlora.LoraConfig(targets="kernel", variant="vera", rank=RANK))
+  with_state, adapters = lora.init_with_base(jax.random.key(1), params, x)
+  adapters = jax.tree.map(lambda v: v + 0.5, adapters)
+  mesh = sharding.make_mesh({"data": 2, "tensor": 4})
+  specs = sharding.param_specs(with_state, [("kernel", P("data", None, "tensor")), ("bias", P("data", "tensor"))],
+                               mesh)
+  adapter_specs = sharding.adapter_specs(adapters, specs, lora.targets)
+  assert adapter_specs == {"kernel": {"vera_lambda_b": P("data", "tensor"), "vera_lambda_d": P(None)}}
+  sharded = jax.device_put((with_state, adapters), sharding.named((specs, adapter_specs), mesh))
+  got = jax.jit(lambda p, a: lora.apply(p, a, x))(*sharded)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(lora.apply(with_state, adapters, x)), **TOL)
+  assert sharded[0][jlora.STATE_KEY]["vera"]["vera_a"].sharding.spec == P()
