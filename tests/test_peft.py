@@ -209,9 +209,10 @@ def _train_like(peft_model):
         param.copy_(0.05 * torch.randn_like(param))
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2", "bert"])
-def test_merged_export_loads_in_transformers(arch, bases, tmp_path):
-  kwargs, scan = EXPORT_CASES[arch]
+@pytest.mark.parametrize("case", ["llama", "gpt2", "bert", "gpt2+dora"])
+def test_merged_export_loads_in_transformers(case, bases, tmp_path):
+  kwargs, scan = EXPORT_CASES[case]
+  arch = case.split("+")[0]
   model, params = bases(arch, scan)
   config = jlora.LoraConfig(rank=4, alpha=8.0, **kwargs)
   adapters = _random_adapters(model, params, config)
