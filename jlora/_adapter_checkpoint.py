@@ -138,10 +138,12 @@ _CONFIG_FIELDS = {
        for name in ("projection_seed", "init_rank", "target_rank", "tinit", "tfinal", "delta_t", "total_step")},
     **{name: (_is_number, "a finite number") for name in ("d_initial", "beta1", "beta2", "orth_reg_weight")},
     "save_projection": (lambda v: isinstance(v, bool), "true or false"),
+    "invocation_tokens": (lambda v: isinstance(v, list) and bool(v) and all(
+        isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in v), "a non-empty list of token ids"),
 }
 # Fields added after the first adapters were saved, or that only some variants have: absent means the default.
 _ADDED_FIELDS = ("use_dora", "variant", "projection_seed", "d_initial", "save_projection", "init_rank", "target_rank",
-                 "tinit", "tfinal", "delta_t", "beta1", "beta2", "orth_reg_weight", "total_step")
+                 "tinit", "tfinal", "delta_t", "beta1", "beta2", "orth_reg_weight", "total_step", "invocation_tokens")
 
 
 # Leaves whose last axis is the adapter's rank: LoRA's (and DoRA's, AdaLoRA's) A, VeRA's lambda_d.

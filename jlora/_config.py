@@ -2,6 +2,7 @@
 
 import dataclasses
 import math
+import numbers
 import re
 from collections.abc import Mapping, Sequence
 
@@ -66,6 +67,10 @@ class LoraConfig:
       options (PEFT's ``init_r``, ``target_r``, ``tinit``, ``tfinal``, ``deltaT``, ``beta1``, ``beta2``,
       ``orth_reg_weight``, ``total_step``; defaults 12, 8, 0, 0, 1, 0.85, 0.85, 0.5, and ``total_step`` is
       required): see ``jlora.adalora_allocator`` and ``jlora.adalora_orth_loss``.
+    invocation_tokens: activated LoRA (aLoRA, PEFT's ``alora_invocation_tokens``): the token ids of the
+      invocation sequence. The adapter acts from the start of the sequence's last occurrence in each row to
+      the end of the row, and not before, so the base model's KV cache of everything before it stays valid
+      (``jlora.variants.ALORA``; ``jlora.invocation_starts``). None: an ordinary adapter.
     The options of a variant are None in configs of the others; see ``jlora.variants._options``.
 
   Example:
@@ -98,6 +103,7 @@ class LoraConfig:
   beta2: float | None = None
   orth_reg_weight: float | None = None
   total_step: int | None = None
+  invocation_tokens: Sequence[int] | None = None
 
   def __post_init__(self):
     rules = self.target_rules
@@ -120,6 +126,13 @@ class LoraConfig:
       raise JloraError(f"LoraConfig.dtype must be a floating dtype, got {self.dtype!r}.")
     if not isinstance(self.use_dora, bool):
       raise JloraError(f"LoraConfig.use_dora must be True or False, got {self.use_dora!r}.")
+    if self.invocation_tokens is not None:
+      tokens = self.invocation_tokens
+      if isinstance(tokens, (str, bytes)) or not isinstance(tokens, Sequence) or not tokens or not all(
+          isinstance(t, numbers.Integral) and not isinstance(t, bool) and t >= 0 for t in tokens):
+        raise JloraError(f"LoraConfig.invocation_tokens must be a non-empty sequence of token ids (ints >= 0), "
+                         f"got {tokens!r}.")
+      object.__setattr__(self, "invocation_tokens", tuple(int(t) for t in tokens))
     from jlora.variants import variant_for  # the registry imports the config type
     from jlora.variants._options import fill_options
 
@@ -137,6 +150,10 @@ class LoraConfig:
     for name in ALL_OPTIONS:  # another variant's options: absent (from_dict gives None back)
       if out[name] is None:
         del out[name]
+    if self.invocation_tokens is None:  # an ordinary adapter: its saved config has no aLoRA field
+      del out["invocation_tokens"]
+    else:
+      out["invocation_tokens"] = list(self.invocation_tokens)
     return out
 
   @classmethod

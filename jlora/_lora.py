@@ -10,6 +10,7 @@ import flax.linen as nn
 import jax
 
 from jlora import _paths
+from jlora._alora import run_activated
 from jlora._config import LoraConfig
 from jlora._dropout import inverted_dropout
 from jlora._errors import JloraError
@@ -180,8 +181,7 @@ class Lora:
     """
     model_params, state = split_state(self.inject(params, adapters))
     variables = {**(collections or {}), "params": model_params}
-    with self.intercept(lora_dropout=lora_dropout, state=state):
-      return self.model.apply(variables, *args, **kwargs)
+    return self._run(variables, args, kwargs, lora_dropout, state)
 
   def apply_fn(self, adapters: Mapping | None = None, *, lora_dropout: bool | None = None) -> Callable[..., Any]:
     """A function with ``model.apply``'s signature ``(variables, *args, **kwargs)`` with adapters active,
@@ -200,18 +200,24 @@ class Lora:
 
         def apply_injected(variables: Mapping, *args, **kwargs):
           model_params, state = split_state(variables["params"])
-          with self.intercept(lora_dropout=lora_dropout, state=state):
-            return self.model.apply({**variables, "params": model_params}, *args, **kwargs)
+          return self._run({**variables, "params": model_params}, args, kwargs, lora_dropout, state)
 
         self._apply_fns[key] = apply_injected
       return self._apply_fns[key]
 
     def apply(variables: Mapping, *args, **kwargs):
       model_params, state = split_state(self.inject(variables["params"], adapters))
-      with self.intercept(lora_dropout=lora_dropout, state=state):
-        return self.model.apply({**variables, "params": model_params}, *args, **kwargs)
+      return self._run({**variables, "params": model_params}, args, kwargs, lora_dropout, state)
 
     return apply
+
+  def _run(self, variables: Mapping, args: tuple, kwargs: Mapping, lora_dropout: bool | None,
+           state: Mapping | None) -> Any:
+    """``model.apply`` inside ``intercept``; an activated LoRA first finds each row's invocation (``jlora._alora``)."""
+    if self.config.invocation_tokens is not None:
+      return run_activated(self, variables, args, kwargs, lora_dropout, state)
+    with self.intercept(lora_dropout=lora_dropout, state=state):
+      return self.model.apply(variables, *args, **kwargs)
 
   def inject(self, params: Mapping, adapters: Mapping) -> dict:
     """The params tree the model sees: ``params`` plus each adapter in a slot beside its kernel.

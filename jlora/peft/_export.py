@@ -239,6 +239,8 @@ def save_pretrained(path: str | os.PathLike, adapters: Mapping, config: LoraConf
   }
   if tie:
     peft_config["ensure_weight_tying"] = True
+  if config.invocation_tokens is not None:  # activated LoRA (PEFT's ALoraLinearVariant)
+    peft_config["alora_invocation_tokens"] = list(config.invocation_tokens)
 
   directory = pathlib.Path(path)
   directory.mkdir(parents=True, exist_ok=True)

@@ -43,7 +43,7 @@ _KNOWN = {
     "exclude_modules", "layers_to_transform", "layers_pattern", "ensure_weight_tying", "fan_in_fan_out",
     "init_lora_weights", "base_model_name_or_path", "revision", "task_type", "inference_mode", "auto_mapping",
     "peft_version", "bias", "use_dora", "modules_to_save", "lora_bias", "loftq_config", "eva_config", "corda_config",
-    "lora_ga_config", "megatron_core", "qalora_group_size", "runtime_config",
+    "lora_ga_config", "megatron_core", "qalora_group_size", "runtime_config", "alora_invocation_tokens",
 }
 # PEFT types with a file format of their own (jlora.peft._formats): VeRA, AdaLoRA.
 OTHER_TYPES = ("VERA", "ADALORA")
@@ -98,6 +98,11 @@ def _check_config(raw: Any, where: pathlib.Path, model_type: str) -> dict[str, A
   for key in ("rank_pattern", "alpha_pattern"):
     for rule in config[key]:
       check_regex(rule, f"{where / CONFIG_FILE}: {key}")
+  tokens = config.get("alora_invocation_tokens")
+  if tokens is not None and not (isinstance(tokens, list) and tokens and all(_is_index(t) and t >= 0 for t in tokens)):
+    raise _fail(where, f"alora_invocation_tokens={tokens!r} must be a non-empty list of token ids.")
+  if tokens and config.get("use_dora"):
+    raise _fail(where, "sets both alora_invocation_tokens and use_dora; PEFT has no activated DoRA.")
   for key in ("target_modules", "exclude_modules"):
     if isinstance(config.get(key), str):
       check_regex(config[key], f"{where / CONFIG_FILE}: {key}")
@@ -297,6 +302,9 @@ def from_pretrained(path: str | os.PathLike, model, params: Mapping, *example_in
     raise _fail(directory, f"is a DoRA adapter on the tied embedding '{table.input_embedding}'; PEFT's tied LM head is "
                            "a Linear DoRA with a magnitude per vocabulary row, while jlora's embedding DoRA scales the "
                            "LM head's input features, so the adapter would compute something else.")
+  if config.get("alora_invocation_tokens") and any(m.kind == "embedding" for m in modules):
+    raise _fail(directory, "is an activated LoRA (alora_invocation_tokens) on an embedding; PEFT's aLoRA adapts Linear "
+                           "layers only.")
   expected, optional = _expected(modules, tie, table, params, ranks, dora)
   file = read_safetensors(weights, policy, expected=expected, optional=optional, sha256=digests.get(WEIGHTS_FILE))
   if file.metadata.get("format", "pt") != "pt":
@@ -352,6 +360,7 @@ def from_pretrained(path: str | os.PathLike, model, params: Mapping, *example_in
       init="gaussian" if init == "gaussian" else "kaiming_uniform",
       dtype=dtype,
       use_dora=dora,
+      invocation_tokens=config.get("alora_invocation_tokens") or None,
   )
   adapters = _paths.nest(adapters)
   lora = Lora(model, lora_config)

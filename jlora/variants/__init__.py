@@ -3,6 +3,7 @@
 * ``LORA``: LoRA; with ``LoraConfig.init`` in ``"pissa"``, ``"pissa_niter_K"``, ``"olora"`` it starts from
   the kernel's SVD/QR factors and leaves the residual as the frozen base (PiSSA, OLoRA).
 * ``DORA``: DoRA, LoRA's direction with a trained magnitude per output feature (``use_dora=True``).
+* ``ALORA``: activated LoRA, LoRA from its invocation sequence on (``invocation_tokens=[...]``).
 * ``VERA``: VeRA, shared frozen random projections and two trained vectors per kernel (``variant="vera"``).
 * ``ADALORA``: AdaLoRA, LoRA in SVD form ``A, E, B`` whose triplets a budget prunes (``variant="adalora"``;
   ``jlora.adalora_allocator``, ``jlora.adalora_orth_loss``, ``jlora.adalora_resize``).
@@ -23,6 +24,8 @@ from collections.abc import Callable, Sequence
 from jlora._errors import JloraError
 from jlora._variant import Variant
 from jlora.variants._adalora import ADALORA
+from jlora.variants._alora import ALORA
+from jlora.variants._alora import check_config as check_alora_config
 from jlora.variants._convert import to_plain_lora
 from jlora.variants._dora import DORA
 from jlora.variants._lora import LORA
@@ -76,12 +79,22 @@ def variant_for(config) -> Variant:
                      f"available: {sorted(FAMILIES)} (DoRA is variant='lora' with use_dora=True).")
   if config.use_dora and config.variant != "lora":
     raise JloraError(f"LoraConfig.use_dora=True belongs to the LoRA family; variant={config.variant!r} has no DoRA.")
+  if config.invocation_tokens is not None and config.variant != "lora":
+    raise JloraError(f"LoraConfig.invocation_tokens (activated LoRA) belongs to the LoRA family; "
+                     f"variant={config.variant!r} has no activated form.")
   return FAMILIES[config.variant](config)
 
 
-register("lora", lambda config: DORA if config.use_dora else LORA, (LORA, DORA))
+def _lora_family(config) -> Variant:
+  if config.invocation_tokens is not None:
+    check_alora_config(config)
+    return ALORA
+  return DORA if config.use_dora else LORA
+
+
+register("lora", _lora_family, (LORA, DORA, ALORA))
 register("vera", lambda config: VERA, (VERA,))
 register("adalora", lambda config: ADALORA, (ADALORA,))
 
-__all__ = ["ADALORA", "DORA", "FAMILIES", "LORA", "VARIANTS", "VERA", "register", "to_plain_lora", "trainable_leaves",
-           "unregister", "variant_for", "vector_leaves"]
+__all__ = ["ADALORA", "ALORA", "DORA", "FAMILIES", "LORA", "VARIANTS", "VERA", "register", "to_plain_lora",
+           "trainable_leaves", "unregister", "variant_for", "vector_leaves"]
