@@ -18,6 +18,12 @@ Public API (everything else is private):
 * ``UnsafeAdapterError``, ``AdapterNormWarning``, ``LoadPolicy``: the safety checks every adapter load path applies
   (never pickle; size caps; float dtypes; exact keys/shapes; finite; fingerprint; SHA256SUMS manifest).
 * ``norm_report``, ``NormReport``, ``NormRow``: per-module ``||s A@B|| / ||W||`` with robust outlier flags.
+* ``AdapterBank``, ``BankState``: many adapters of one base in one fixed-shape pytree, applied per row of a batch
+  (mixed-adapter batches in training and ``jlora.models.generate(..., adapter_ids=...)``), compiled once.
+* ``invocation_starts``: where each row's activated-LoRA invocation sequence starts (``LoraConfig.invocation_tokens``).
+* ``relora_init``, ``relora_apply``, ``relora_fold``, ``relora_restart``, ``relora_prune``, ``relora_schedule``:
+  ReLoRA's merge-and-restart (accumulated float32 update of the targeted kernels, optimizer-state pruning, jagged
+  schedule); the training job runs it with ``config.relora``.
 * ``combine``: several adapters of one base as one (PEFT's ``add_weighted_adapter``: linear, cat, svd, TIES, DARE).
 * ``write_manifest``, ``verify_manifest``, ``adapter_shapes``: manifests and a saved adapter's shapes.
 * ``jlora.peft``: Hugging Face PEFT export/import and merged checkpoints for ``jlora.models``.
@@ -29,6 +35,8 @@ Public API (everything else is private):
 from jlora import quant, sharding, variants  # noqa: E402  (after the names it imports)
 from jlora._adalora import AdaLoraAllocatorState, adalora_allocator, adalora_orth_loss, adalora_resize
 from jlora._adapter_checkpoint import adapter_shapes, load_adapter_metadata, load_adapters, save_adapters
+from jlora._alora import invocation_starts
+from jlora._bank import AdapterBank, BankState
 from jlora._combine import combine
 from jlora._config import LoraConfig
 from jlora._errors import JloraError
@@ -36,6 +44,7 @@ from jlora._fingerprint import fingerprint
 from jlora._layout import KernelLayout
 from jlora._lora import Lora
 from jlora._optim import adapter_labels, adapters_only, lora_plus
+from jlora._relora import relora_apply, relora_fold, relora_init, relora_prune, relora_restart, relora_schedule
 from jlora._safety import (
     AdapterNormWarning,
     LoadPolicy,
@@ -49,9 +58,12 @@ from jlora._safety import (
 from jlora._summary import Summary, TargetRow
 from jlora._targets import Target
 from jlora._variant import STATE_KEY, Call, Variant
-from jlora.variants import ADALORA, DORA, LORA, VERA, variant_for
+from jlora.variants import ADALORA, ALORA, DORA, LORA, VERA, variant_for
 
 __all__ = [
+    "AdapterBank",
+    "BankState",
+    "invocation_starts",
     "AdaLoraAllocatorState",
     "adalora_allocator",
     "adalora_orth_loss",
@@ -59,6 +71,7 @@ __all__ = [
     "AdapterNormWarning",
     "Call",
     "ADALORA",
+    "ALORA",
     "DORA",
     "VERA",
     "LORA",
@@ -86,6 +99,12 @@ __all__ = [
     "load_adapter_metadata",
     "load_adapters",
     "lora_plus",
+    "relora_apply",
+    "relora_fold",
+    "relora_init",
+    "relora_prune",
+    "relora_restart",
+    "relora_schedule",
     "quant",
     "save_adapters",
     "sharding",
