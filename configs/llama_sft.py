@@ -5,6 +5,9 @@ Real checkpoint (any HF directory jlora.models can load):
       --config.data.source="{'train': 'train.jsonl', 'validation': 'val.jsonl'}" --config.data.end_token='<|eot_id|>'
 Smoke (a tiny random-weight Llama and BPE tokenizer created locally; seconds):
   python -m train --config configs/llama_sft.py:smoke --workdir /tmp/llama_sft_smoke
+Another variant (train/variants.py), e.g. DoRA with ReLoRA restarts every 4 steps:
+  python -m train --config configs/llama_sft.py:smoke --workdir /tmp/dora_relora --config.lora.use_dora=True \\
+      --config.relora.every=4 --config.relora.warmup_steps=2
 """
 
 import ml_collections
@@ -24,6 +27,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   config.model.param_dtype = "bfloat16"  # storage dtype of the frozen base params
   config.model.scan_layers = True  # stack decoder layers with nn.scan (one compiled layer)
   config.model.remat = "dots"  # per-layer rematerialisation: "none", "full", "dots", "dots_no_batch"
+  common.add_quantization(config, targets=r".*/(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)/kernel")
 
   config.lora = ml_collections.ConfigDict()  # fields of jlora.LoraConfig
   config.lora.targets = r".*/(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)/kernel"  # all linear layers
@@ -31,7 +35,8 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   config.lora.alpha = 32.0  # scale s = alpha / r
   config.lora.dropout = 0.05  # dropout on the adapter input, training only
   config.lora.use_rslora = False  # s = alpha / sqrt(r) instead
-  config.lora.init = "kaiming_uniform"  # A init: "kaiming_uniform" (PEFT default) or "gaussian"
+  config.lora.init = "kaiming_uniform"  # "kaiming_uniform" (PEFT's), "gaussian"; from W: "pissa", "pissa_niter_K", "olora"
+  common.add_variants(config)  # lora.use_dora, lora.variant and its options; config.relora (ReLoRA)
 
   config.data = ml_collections.ConfigDict()
   config.data.source = "pydoc_sft"  # "pydoc_sft" (built-in, from Python's help text) or {split: JSONL path}

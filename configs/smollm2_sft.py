@@ -27,6 +27,9 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   config.model.param_dtype = "float32"  # storage dtype of the frozen base params
   config.model.scan_layers = True  # stack the 30 decoder layers with nn.scan (one compiled layer)
   config.model.remat = "none"  # per-layer rematerialisation; "dots" costs 9% more CPU per step, and 4.5 GB fits
+  # QLoRA: --config.model.quantize=gguf keeps the file's Q4_1 projections as the frozen base (never a float copy)
+  common.add_quantization(config, targets=r".*/(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)/kernel")
+  config.model.tiny_projection_type = "f32"  # create_tiny: GGUF type of the projections (f32, q4_0, q4_1, q8_0)
 
   config.lora = ml_collections.ConfigDict()  # fields of jlora.LoraConfig
   config.lora.targets = r".*/(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)/kernel"  # all linear layers
@@ -34,7 +37,8 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   config.lora.alpha = 16.0  # scale s = alpha / r
   config.lora.dropout = 0.0  # dropout on the adapter input; the job sees each example about once
   config.lora.use_rslora = False  # s = alpha / sqrt(r) instead
-  config.lora.init = "kaiming_uniform"  # A init: "kaiming_uniform" (PEFT default) or "gaussian"
+  config.lora.init = "kaiming_uniform"  # "kaiming_uniform" (PEFT's), "gaussian"; from W: "pissa", "pissa_niter_K", "olora"
+  common.add_variants(config)  # lora.use_dora, lora.variant and its options; config.relora (ReLoRA)
 
   config.data = ml_collections.ConfigDict()
   config.data.source = "stdlib_summaries"  # built-in task (train.tasks.stdlib_summaries), or {split: JSONL path}

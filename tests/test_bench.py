@@ -32,6 +32,13 @@ REQUIRED = (
     "dora_lora_step_ratio",
     "dora_lora_memory_ratio",
     "peft_dora_lora_step_ratio",
+    "qlora_base_bytes_per_param",
+    "qlora_step_base_bytes_per_param",
+    "qlora_lora_memory_ratio",
+    "qlora_lora_step_ratio",
+    "qwix_base_bytes_per_param",
+    "qwix_step_base_bytes_per_param",
+    "jlora_qwix_qlora_step_ratio",
 )
 
 
@@ -78,3 +85,6 @@ def test_required_figures_are_measured(smoke_report):
     assert results[name]["target"] is not None, name
   # XLA's FLOP counts are deterministic: LoRA never does more work than full fine-tuning.
   assert 0 < results["lora_full_flop_ratio"]["value"] < 1
+  # So are byte counts: the NF4 base with double quantization, on its arrays and as the compiled step's argument.
+  for name in ("qlora_base_bytes_per_param", "qlora_step_base_bytes_per_param"):
+    assert 0.5 < results[name]["value"] <= results[name]["target"] == 0.52, (name, results[name])

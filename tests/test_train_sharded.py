@@ -4,6 +4,7 @@ Runs the causal-LM SFT smoke config on a tiny Llama checkpoint created once; in-
 8 fake CPU devices of the test session, multi-process runs use tools.launch_local (gloo collectives).
 """
 
+import json
 import os
 import re
 import shutil
@@ -111,6 +112,37 @@ def test_two_processes_equal_one_process(two_process_run, mesh_runs):
   assert "[1] eval after training" not in stdout  # only process 0 prints and writes metrics
   chex.assert_trees_all_close(_losses(workdir), _losses(mesh_runs["1x1"]), atol=1e-5, rtol=0)
   chex.assert_trees_all_close(_adapters(workdir), _adapters(mesh_runs["1x1"]), atol=1e-5, rtol=0)
+
+
+# QLoRA: an NF4 base (quantized after loading) in blocks of 32, so that the 2-way fsdp split of the 64-wide input axis
+# holds whole blocks; the same job as tests/test_train_qlora.py's, which shares its compiled programs.
+QLORA = {"model.quantize": "nf4", "model.block_size": 32}
+
+
+@pytest.fixture(scope="module")
+def qlora_runs(checkpoint, tmp_path_factory):
+  """The QLoRA job in one process on one device, and in two processes on the 2x2x2 mesh."""
+  one = str(tmp_path_factory.mktemp("qlora_one_process"))
+  train_lib.train_and_evaluate(_config(checkpoint, *MESHES["1x1"], **QLORA), one)
+  two = str(tmp_path_factory.mktemp("qlora_two_processes"))
+  result = _launch(two, checkpoint, *MP_MESH, *(f"--config.{k}={v}" for k, v in QLORA.items()))
+  assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+  return one, two
+
+
+def _step_memory(workdir):
+  with open(os.path.join(workdir, "train_step_memory.json")) as f:
+    return json.load(f)
+
+
+def test_qlora_two_processes_equal_one_process(qlora_runs):
+  one, two = qlora_runs
+  chex.assert_trees_all_close(_losses(two), _losses(one), atol=1e-5, rtol=0)
+  chex.assert_trees_all_close(_adapters(two), _adapters(one), atol=1e-5, rtol=0)
+  fingerprints = [jlora.load_adapter_metadata(os.path.join(w, "adapter"))["base_fingerprint"] for w in (one, two)]
+  assert fingerprints[0] == fingerprints[1]  # one quantized base, however it was sharded
+  # Each device held its shard of the codes and statistics (fsdp x tensor = 4 ways), not the whole base.
+  assert _step_memory(two)["argument_bytes"] < 0.5 * _step_memory(one)["argument_bytes"]
 
 
 def _rewind_to_step_4(source, destination):

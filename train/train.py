@@ -5,6 +5,11 @@ resumed run sees exactly the batches an uninterrupted one would), evaluates befo
 every ``eval_every`` steps, stops on a non-finite loss or gradient (or skips the step), saves on
 SIGTERM, and exports the final adapter with its LoraConfig and base-model fingerprint.
 
+Every adapter variant comes from ``config.lora`` (``train.variants``): a variant that rewrites the frozen base
+(PiSSA/OLoRA's residual, VeRA's projections) gets it recomputed from the base and the seed at every start, and is
+exported in a form for the original base; ReLoRA (``config.relora``, ``train.relora``) restarts the adapters
+every ``relora.every`` steps and keeps what it folded into the base in the train state.
+
 Rerunning a finished job evaluates its final checkpoint and keeps its adapter (exporting it only if it
 is missing); rerunning it with a larger ``train.steps`` trains on from the last step.
 """
@@ -25,11 +30,12 @@ from jax.sharding import PartitionSpec as P
 
 import jlora
 from jlora import sharding
-from train import tasks
+from train import memory, tasks, variants
 from train.checkpoint import Checkpointer
 from train.metrics import MetricWriter, plot_curves, read_metrics
 from train.optimizer import learning_rate_schedule, make_optimizer
 from train.progress import Progress
+from train.relora import Relora
 from train.step import make_train_step
 
 
@@ -56,7 +62,7 @@ def _global_batch(local: dict, batch_sharding: NamedSharding) -> dict:
   return {k: jax.make_array_from_process_local_data(batch_sharding, v) for k, v in local.items()}
 
 
-def _evaluate(task, eval_step, trainable, *, params, eval_sharding) -> dict:
+def _evaluate(task, eval_step, trainable, params, *, eval_sharding) -> dict:
   sums: dict[str, float] = {}
   for batch in task.eval_batches():
     for name, value in eval_step(trainable, params, _global_batch(batch, eval_sharding)).items():
@@ -88,13 +94,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       f.write(config.to_json_best_effort(indent=2))
   devices = jax.devices()[: config.mesh.num_devices] if config.mesh.num_devices else None
   mesh = sharding.make_mesh(dict(config.mesh.axes), devices=devices)
+  variants.check(config, variants.lora_config(config))  # before any loading: a refused combination fails fast
   task = tasks.build(config, workdir, mesh)
+  lora = task.lora
   total_steps = config.train.steps
-  tx = make_optimizer(config.optimizer, total_steps)
-  schedule = learning_rate_schedule(config.optimizer, total_steps)
+  tx = make_optimizer(config.optimizer, total_steps, relora=config.get("relora"), lora_config=lora.config)
+  schedule = learning_rate_schedule(config.optimizer, total_steps, config.get("relora"))
 
   # The frozen base arrives sharded by its rules; adapters follow their kernels; optimizer state its parameter.
-  params = task.params
+  params = task.params  # quantized kernels (model.quantize) come with a spec per stored leaf (param_specs)
+  base_fingerprint = jlora.fingerprint(params)  # a checkpoint resumes only over the base it was trained on
   param_specs = jax.tree.map(lambda x: x.sharding.spec, params)
   param_shardings = sharding.named(param_specs, mesh)
   replicated = NamedSharding(mesh, P())
@@ -109,22 +118,45 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   train_batch_sharding = NamedSharding(mesh, P(None, batch_axes))  # [accum, batch, ...]
   eval_batch_sharding = NamedSharding(mesh, P(batch_axes))
 
-  def initial_state():
-    key = jax.random.PRNGKey(config.seed)
-    trainable = task.init_trainable(jax.random.fold_in(key, 0))
-    return {"trainable": trainable, "opt_state": tx.init(trainable), "step": jnp.zeros((), jnp.int32),
-            "rng": jax.random.fold_in(key, 1)}
+  def init_adapters(params):
+    # Only what init changed in the base is an output (PiSSA/OLoRA's residual kernels, VeRA's projections), so the
+    # base is not copied; rerun at every start, it gives the same values from the same base and seed.
+    new_params, trainable = task.init(jax.random.fold_in(jax.random.PRNGKey(config.seed), 0), params)
+    return variants.base_changes(params, new_params), trainable
 
-  abstract_state = jax.eval_shape(initial_state)
+  original = params  # the base as loaded; PiSSA/OLoRA adapters are exported for it
+  relora = Relora(config, lora)
+
+  def initial_state(trainable):
+    state = {"trainable": trainable, "opt_state": tx.init(trainable), "step": jnp.zeros((), jnp.int32),
+             "rng": jax.random.fold_in(jax.random.PRNGKey(config.seed), 1)}
+    if relora.active:  # what restarts folded into the base: the targeted kernels' float32 update
+      state["relora"] = relora.initial_state(original)
+    return state
+
+  abstract_changes, abstract_trainable = jax.eval_shape(init_adapters, params)
+  abstract_state = jax.eval_shape(initial_state, abstract_trainable)
   trainable_specs = {
-      name: (sharding.adapter_specs(tree, param_specs, task.lora.targets) if name == "lora"
+      name: (sharding.adapter_specs(tree, param_specs, lora.targets) if name == "lora"
              else jax.tree.map(lambda _: P(), tree))
       for name, tree in abstract_state["trainable"].items()
   }
-  state_shardings = sharding.tree_shardings_like(abstract_state, trainable_specs, mesh)
-  state = jax.jit(initial_state, out_shardings=state_shardings)()
+  state_shardings = sharding.tree_shardings_like(
+      abstract_state, {**trainable_specs, **(relora.specs(param_specs) if relora.active else {})}, mesh)
+  change_specs = variants.change_specs(abstract_changes, param_specs)
+  changes, trainable = jax.jit(init_adapters, out_shardings=(sharding.named(change_specs, mesh),
+                                                           state_shardings["trainable"]))(params)
+  base = params = variants.overlay(original, changes)  # the base the adapters train on (before any ReLoRA restart)
+  param_specs = variants.overlay(param_specs, change_specs)
+  param_shardings = sharding.named(param_specs, mesh)
+  if relora.active:
+    relora.compile(state_shardings, param_shardings)  # ReLoRA's variants change nothing in the base: base = original
+  initial = trainable["lora"] if lora.config.rewrites_base else None  # PiSSA/OLoRA's A0, B0: the export needs them
+  state = jax.jit(initial_state, out_shardings=state_shardings)(trainable)
   if is_main:
-    print(task.lora.summary(task.params, state["trainable"]["lora"]))
+    print(lora.summary(base, state["trainable"]["lora"]))  # the variant's trainable leaves and the frozen base
+    if relora.active:
+      print(relora.describe(original, total_steps))
   train_iter = task.train_batches()
   checkpointer = Checkpointer(workdir, every=config.checkpoint.every, keep=config.checkpoint.keep,
                               use_async=config.checkpoint.use_async)
@@ -138,14 +170,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     start = int(_host(state["step"]))
     logging.warning("Resumed from %s at step %d.", checkpointer.directory, start)
     try:
-      _check_resume(start, data_state.get("total_steps"), config.optimizer, total_steps, workdir)
+      _check_resume(start, data_state.get("total_steps"), config.optimizer, total_steps, workdir,
+                    relora=config.get("relora"), variant=lora.config.variant)
+      _check_base(data_state.get("base_fingerprint"), base_fingerprint, config.model.get("quantize", ""), workdir)
     except WorkdirStateError:
       checkpointer.close()
       raise
 
   eval_step = jax.jit(task.eval_sums, in_shardings=(state_shardings["trainable"], param_shardings,
                                                     eval_batch_sharding), out_shardings=replicated)
-  evaluate = functools.partial(_evaluate, task, eval_step, params=params, eval_sharding=eval_batch_sharding)
+  evaluate = functools.partial(_evaluate, task, eval_step, eval_sharding=eval_batch_sharding)
+  params = relora.trained_on(base, state, start)  # after a ReLoRA restart: the base plus the update so far
+  export = functools.partial(_export, task=task, original=original, initial=initial, relora=relora,
+                             total_steps=total_steps, base=base)
   if start == total_steps:
     checkpointer.close()
     if is_main:
@@ -153,17 +190,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             f"nothing to train (a larger --config.train.steps continues from step {start}).")
     after, source = _logged_eval(workdir, start), "logged at"
     if after is None:  # metrics.jsonl lost or truncated: the restored state is evaluated instead
-      after, source = evaluate(state["trainable"]), "evaluated from the checkpoint of"
-    return _finish(workdir, task, params, state, train_iter, before=None, after=after, skipped=0, preempted=False,
-                   restored_final=True, note=f"({source} step {start}; the job was already complete)")
+      after, source = evaluate(state["trainable"], params), "evaluated from the checkpoint of"
+    return _finish(workdir, task, params, state, train_iter, export, before=None, after=after, skipped=0,
+                   preempted=False, restored_final=True, note=f"({source} step {start}; the job was already complete)")
 
-  train_step = jax.jit(make_train_step(task.loss, tx), in_shardings=(state_shardings, param_shardings,
-                                                                     train_batch_sharding),
-                       out_shardings=(state_shardings, replicated))
+  # The step never sees ReLoRA's update (only a restart changes it): it is not passed through and copied each step.
+  step_shardings = _without_update(state_shardings)
+  train_step = jax.jit(make_train_step(variants.wrap_loss(task.loss, lora.config), tx),
+                       in_shardings=(step_shardings, param_shardings, train_batch_sharding),
+                       out_shardings=(step_shardings, replicated))
+  compiled_step = None  # compiled ahead of the first step, which reports its memory plan
   writer = MetricWriter(workdir)
   before = None
   if start == 0:
-    before = evaluate(state["trainable"])
+    before = evaluate(state["trainable"], params)
     if task.generation_eval is not None:  # decoding is slow: before training and after the last step only
       before.update(task.generation_eval(state["trainable"], params, 0))
     writer.write(0, before)
@@ -174,7 +214,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   after, skipped, preempted = None, 0, False
   for step in range(start + 1, total_steps + 1):
     batch = _stack_micro_batches(train_iter, config.train.accum_steps)
-    state, metrics = train_step(state, params, _global_batch(batch, train_batch_sharding))
+    global_batch = _global_batch(batch, train_batch_sharding)
+    if compiled_step is None:
+      compiled_step = train_step.lower(_without_update(state), params, global_batch).compile()
+      figures = memory.step_memory(compiled_step, params)
+      memory.write(workdir, figures)
+      if is_main:
+        print(memory.describe(figures))
+    stepped, metrics = compiled_step(_without_update(state), params, global_batch)
+    state = {**state, **stepped}
     metrics = {k: _host(v) for k, v in metrics.items()}
     loss, finite = float(metrics["loss"]), bool(metrics["finite"])
     if not finite:
@@ -192,32 +240,49 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     local_tokens = sum(task.count_tokens({k: v[i] for k, v in batch.items()}) for i in range(config.train.accum_steps))
     progress.update(step, loss=loss, tokens_per_step=local_tokens * jax.process_count())  # hosts hold equal shares
     if step % config.train.eval_every == 0 or step == total_steps:
-      after = evaluate(state["trainable"])
+      after = evaluate(state["trainable"], params)
       if step == total_steps and task.generation_eval is not None:
         after.update(task.generation_eval(state["trainable"], params, step))
       writer.write(step, after)
+    if relora.due(step, total_steps):  # before the save: a checkpoint at a restart step holds the restarted state
+      state = relora.restart(state, base, step)
+      params = relora.trained_on(base, state, step)
+      writer.write(step, {"train/relora_restarts": relora.restarts(step, total_steps)})
     preempted = checkpointer.preempted
-    checkpointer.maybe_save(step, state, {"iterator": train_iter.get_state(), "total_steps": total_steps},
+    checkpointer.maybe_save(step, state, {"iterator": train_iter.get_state(), "total_steps": total_steps,
+                                          "base_fingerprint": base_fingerprint},
                             force=preempted or step == total_steps)
     if preempted:
       break
   checkpointer.close()
   writer.close()
-  return _finish(workdir, task, params, state, train_iter, before=before, after=after, skipped=skipped,
+  return _finish(workdir, task, params, state, train_iter, export, before=before, after=after, skipped=skipped,
                  preempted=preempted, restored_final=False)
 
 
-def _check_resume(start: int, saved_total: int | None, optimizer_config, total_steps: int, workdir: str) -> None:
-  """Refuses a checkpoint past ``train.steps``; says what a changed ``train.steps`` does to the schedule."""
+def _without_update(tree: dict) -> dict:
+  """A train state (or its shardings) without ReLoRA's update: what the train step takes and returns."""
+  return {k: v for k, v in tree.items() if k != "relora"}
+
+
+def _check_resume(start: int, saved_total: int | None, optimizer_config, total_steps: int, workdir: str, *,
+                  relora=None, variant: str = "lora") -> None:
+  """Refuses a checkpoint past ``train.steps`` (and, for AdaLoRA, a changed one); says what a changed
+  ``train.steps`` does to the schedule."""
   if start > total_steps:
     raise WorkdirStateError(
         f"{workdir} holds a checkpoint at step {start}, past train.steps={total_steps}. Rerun with "
         f"--config.train.steps={start} (or more) to use it, or give another --workdir to train {total_steps} steps.")
   if saved_total is None or saved_total == total_steps:
     return
+  if variant == "adalora":
+    raise WorkdirStateError(
+        f"{workdir} holds an AdaLoRA checkpoint of a {saved_total}-step run; train.steps={total_steps} would change "
+        f"its rank budget schedule (total_step) midway. Rerun with --config.train.steps={saved_total}, or give "
+        "another --workdir.")
   # The schedule is a function of the optimizer's step count, which the checkpoint carries on: it is not restarted.
-  old = learning_rate_schedule(optimizer_config, saved_total)
-  new = learning_rate_schedule(optimizer_config, total_steps)
+  old = learning_rate_schedule(optimizer_config, saved_total, relora)
+  new = learning_rate_schedule(optimizer_config, total_steps, relora)
   was = (f"the {saved_total}-step schedule would have used {float(old(start)):.4g}" if start < saved_total else
          f"the {saved_total}-step schedule ended at {float(old(saved_total - 1)):.4g} at step {saved_total}")
   logging.warning(
@@ -226,8 +291,17 @@ def _check_resume(start: int, saved_total: int | None, optimizer_config, total_s
       saved_total, total_steps, total_steps, start + 1, float(new(start)), start + 1, was)
 
 
-def _finish(workdir: str, task, params, state: dict, train_iter, *, before, after, skipped: int, preempted: bool,
-            restored_final: bool, note: str = "") -> dict:
+def _check_base(saved: str | None, current: str, quantize: str, workdir: str) -> None:
+  """Refuses a checkpoint trained over another frozen base (another checkpoint, or one quantized otherwise)."""
+  if saved is not None and saved != current:
+    raise WorkdirStateError(
+        f"{workdir} holds a checkpoint trained over another frozen base (fingerprint {saved}); this config's base "
+        f"(model.quantize={quantize!r}) has {current}. Adapters learn around their base (a quantized one's rounding "
+        "too): rerun with the model settings that job used (its config.json), or give another --workdir.")
+
+
+def _finish(workdir: str, task, params, state: dict, train_iter, export, *, before, after, skipped: int,
+            preempted: bool, restored_final: bool, note: str = "") -> dict:
   """Exports the adapter (unless preempted), draws the curves and reports; the job's result."""
   is_main = jax.process_index() == 0
   adapter_dir = None
@@ -240,7 +314,7 @@ def _finish(workdir: str, task, params, state: dict, train_iter, *, before, afte
       if is_main:
         print(f"adapter: {adapter_dir} (step {last}) kept")
     else:
-      _export(adapter_dir, task, params, state["trainable"], last)
+      export(adapter_dir, params=params, state=state, step=last)
     if not restored_final or not os.path.exists(os.path.join(workdir, "curves.png")):
       plot_curves(workdir, ("train/loss", "eval/loss"))
   if is_main:
@@ -272,8 +346,13 @@ def _exported_step(directory: str) -> int | None:
     return None
 
 
-def _export(directory: str, task, params, trainable: dict, step: int) -> str:
+def _export(directory: str, *, params, state: dict, step: int, task, original, base, initial, relora: Relora,
+            total_steps: int) -> str:
   """The adapter alone (jlora.save_adapters, written by all hosts) plus other trained leaves (a task head).
+
+  The adapter is exported in the form ``train.variants.exported`` gives (PiSSA/OLoRA as plain LoRA on the original
+  base, AdaLoRA at its allocated ranks), with the fingerprint of the base it applies to. A ReLoRA run also writes
+  its whole update (``train.relora``); its adapter is the last cycle's, on that cycle's base (``params``).
 
   Written next to ``directory`` and swapped in by a rename, so ``directory`` is either absent or a complete
   export, whenever the job is killed; a rerun of a finished job exports again only if it is absent.
@@ -282,14 +361,25 @@ def _export(directory: str, task, params, trainable: dict, step: int) -> str:
   if jax.process_index() == 0 and os.path.exists(partial):
     shutil.rmtree(partial)
   multihost_utils.sync_global_devices("jlora_export_start")
+  trainable = state["trainable"]
   others = {k: v for k, v in trainable.items() if k != "lora"}
   if others:  # first, so that save_adapters' SHA256SUMS manifest covers them
     with ocp.StandardCheckpointer() as checkpointer:
       checkpointer.save(os.path.join(os.path.abspath(partial), "trainable_extras"), others)
+  extra = {**task.metadata, "step": step}
+  if relora.active:
+    extra["relora"] = relora.export(partial, base, state, step, total_steps)  # before the adapter: in its manifest
+    adapters, lora_config, adapter_base = trainable["lora"], task.lora.config, params
+  else:
+    adapters, lora_config, adapter_base = variants.exported(task.lora, trainable, state["opt_state"], initial=initial,
+                                                            original=original, trained_on=params)
   if task.export_extra is not None and jax.process_index() == 0:  # e.g. a PEFT copy; covered by the manifest too
-    task.export_extra(os.path.abspath(partial), params, trainable)
-  jlora.save_adapters(partial, trainable["lora"], task.lora.config,
-                      base_fingerprint=jlora.fingerprint(params), extra={**task.metadata, "step": step})
+    if relora.active:  # the last cycle's adapter is not the run's result, and PEFT has no form for the update
+      logging.warning("ReLoRA: no PEFT copy of the adapter (its result is %s/%s, a full-rank update).", directory,
+                      "relora_update")
+    else:
+      task.export_extra(os.path.abspath(partial), adapter_base, adapters, lora_config)
+  jlora.save_adapters(partial, adapters, lora_config, base_fingerprint=jlora.fingerprint(adapter_base), extra=extra)
   multihost_utils.sync_global_devices("jlora_export_written")
   if jax.process_index() == 0:
     if os.path.exists(directory):

@@ -4,8 +4,13 @@
 in bfloat16 changes it. An adapter exported to PEFT may be loaded into either layout and precision,
 so the fingerprint stored in its safetensors metadata is taken over the Hugging Face tensor names,
 per-layer slices and values rounded to bfloat16.
+
+A quantized kernel (``jlora.quant``: NF4/FP4/int8, GGUF blocks) is fingerprinted by what it stores, as
+``jlora.fingerprint`` does: its format and, per layer, samples of its codes and statistics, never the float
+weights it dequantizes to. A quantized base thus differs from the float checkpoint it came from.
 """
 
+import dataclasses
 import hashlib
 from collections.abc import Mapping
 
@@ -15,6 +20,7 @@ import numpy as np
 
 from jlora import _paths
 from jlora.models._name_maps import name_map
+from jlora.quant import is_quantized
 
 _SAMPLES = 1024
 METADATA_KEY = "jlora_base_fingerprint"
@@ -25,6 +31,12 @@ def base_fingerprint(model, params: Mapping) -> str:
 
   Independent of ``scan_layers`` and of float32/bfloat16 params, so ``jlora.peft.from_pretrained``
   can check an exported adapter against its base however that base was loaded.
+
+  A quantized kernel (``jlora.quant``) contributes its format (type and block layout, not the dtype it
+  dequantizes to) and, per layer, each stored array's shape, dtype and 1024 strided values as stored (codes
+  and block statistics; a stacked kernel's layers are its stored arrays' leading slices, so ``scan_layers``
+  still does not matter). Nothing is dequantized: like ``jlora.fingerprint``, an adapter trained over a
+  quantized base is checked against that base, not against the float weights it was quantized from.
 
   Args:
     model: a ``jlora.models`` module (its config gives the name map).
@@ -45,23 +57,48 @@ def base_fingerprint(model, params: Mapping) -> str:
   """
   config = model.config
   names = name_map(config)
-  samples: dict[str, tuple[tuple[int, ...], np.ndarray]] = {}
+  samples: dict[str, tuple[tuple[int, ...], bytes]] = {}
   for rule in names.rules:
     if rule.per_layer and config.scan_layers:
       leaf = _paths.get(params, tuple(rule.param_path.replace("_{i}", "").split("/")))
-      rows = _sample_rows(leaf, names.num_layers)
+      layers = _layer_samples(leaf, names.num_layers)
       for i in range(names.num_layers):
-        samples[rule.hf_name.format(i=i)] = (tuple(leaf.shape[1:]), rows[i])
+        samples[rule.hf_name.format(i=i)] = (tuple(leaf.shape[1:]), layers[i])
       continue
     for i in range(names.num_layers) if rule.per_layer else [None]:
       leaf = _paths.get(params, tuple(rule.param_path.format(i=i).split("/")))
-      samples[rule.hf_name.format(i=i)] = (tuple(leaf.shape), _sample_rows(leaf, 1)[0])
+      samples[rule.hf_name.format(i=i)] = (tuple(leaf.shape), _layer_samples(leaf, 1)[0])
   digest = hashlib.sha256()
   for hf_name, (shape, sample) in sorted(samples.items()):
-    rounded = sample.astype(np.float32).astype(ml_dtypes.bfloat16).astype(np.float32)
     digest.update(f"{hf_name}|{shape}|".encode())
-    digest.update(np.ascontiguousarray(rounded).tobytes())
+    digest.update(sample)
   return "sha256:" + digest.hexdigest()
+
+
+def _layer_samples(leaf, rows: int) -> list[bytes]:
+  """What each of ``rows`` layers of ``leaf`` contributes: its float samples rounded to bfloat16, or a quantized
+  kernel's format and the samples of each stored array's layer slice, as stored."""
+  if not is_quantized(leaf):
+    return [np.ascontiguousarray(_rounded(sample)).tobytes() for sample in _sample_rows(leaf, rows)]
+  parts = [[f"{_format(leaf)}|".encode()] for _ in range(rows)]
+  for keypath, stored in jax.tree_util.tree_leaves_with_path(leaf):
+    header = f"{jax.tree_util.keystr(keypath)}|{tuple(stored.shape[1:] if rows > 1 else stored.shape)}|"
+    header += f"{np.dtype(stored.dtype).name}|"
+    for part, sample in zip(parts, _sample_rows(stored, rows)):
+      part += [header.encode(), np.ascontiguousarray(sample).tobytes()]
+  return [b"".join(part) for part in parts]
+
+
+def _format(leaf) -> str:
+  """A quantized kernel's type and static fields except the dtype it dequantizes to (float32 or bfloat16 params
+  of one base fingerprint alike), e.g. ``QuantizedArray(kind='nf4', block_size=64, kernel_shape=(576, 576))``."""
+  static = [(field.name, getattr(leaf, field.name)) for field in dataclasses.fields(leaf)
+            if field.metadata.get("static") and field.name != "dtype"]
+  return f"{type(leaf).__name__}({', '.join(f'{name}={value!r}' for name, value in static)})"
+
+
+def _rounded(sample: np.ndarray) -> np.ndarray:
+  return sample.astype(np.float32).astype(ml_dtypes.bfloat16).astype(np.float32)
 
 
 def _sample_rows(leaf, rows: int) -> np.ndarray:

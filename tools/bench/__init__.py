@@ -7,8 +7,9 @@ figure. ``docs/benchmarks.md`` holds the latest recorded run.
 
 Modules: ``_suites`` (what is measured), ``_run`` (measuring it), ``_models`` (the model and train
 steps), ``_nnx_llama`` and ``_peers`` (the comparison contenders), ``_inference`` (forward and decode
-contenders), ``_timing`` (compile, FLOPs, memory, interleaved wall time), ``_profile`` (per-op time),
-``_machine`` (device, versions, load) and ``_report`` (the JSON and the table).
+contenders), ``_qlora`` and ``_qwix`` (QLoRA against the bf16 base and qwix's QLoRA), ``_timing``
+(compile, FLOPs, memory, interleaved wall time), ``_profile`` (per-op time), ``_machine`` (device, versions,
+load) and ``_report`` (the JSON and the table).
 """
 
 from tools.bench._report import Report, Result

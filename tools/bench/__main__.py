@@ -1,4 +1,4 @@
-"""Command line: ``python -m tools.bench [--suite smoke|quick|full] [--only dora] [--out results.json] [--profile DIR]``.
+"""Command line: ``python -m tools.bench [--suite smoke|quick|full] [--only dora|bank|qlora] [--out results.json] [--profile DIR]``.
 
 Prints the results table on stdout (progress goes to stderr) and writes the JSON report to ``--out``
 (or prints it after the table when ``--out`` is omitted).
@@ -18,8 +18,10 @@ def main(argv: list[str] | None = None) -> None:
   parser = argparse.ArgumentParser(prog="python -m tools.bench", description=__doc__)
   parser.add_argument("--suite", choices=sorted(SUITES), default="quick", help="what to measure (default: quick)")
   parser.add_argument("--out", type=Path, help="write the JSON report here")
-  parser.add_argument("--only", choices=["dora"],
-                      help="run one section alone, on the suite's headline train shape (dora: DoRA vs LoRA, jlora and PEFT)")
+  parser.add_argument("--only", choices=["dora", "bank", "qlora"],
+                      help="run one section alone (dora: DoRA vs LoRA, jlora and PEFT, on the suite's headline train "
+                           "shape; bank: mixed-adapter batches, 16 adapters vs one, jlora and PEFT; qlora: the NF4 "
+                           "base vs the bf16 one and qwix's QLoRA, with device peaks on an accelerator)")
   parser.add_argument("--profile", type=Path, metavar="DIR",
                       help="also write the largest train shape's optimised HLO and per-op times to DIR")
   args = parser.parse_args(argv)

@@ -17,6 +17,7 @@ import jax
 
 import jlora
 from tools.bench import _machine
+from tools.bench._bank import bank_section
 from tools.bench._inference import decode_contenders, forward_contenders
 from tools.bench._models import (
   LORA_RANK,
@@ -30,6 +31,7 @@ from tools.bench._models import (
 )
 from tools.bench._peers import flax_nnx_lora, jlora_linen_one_adapter, jlora_nnx, peft_torch
 from tools.bench._profile import op_times, write_profile
+from tools.bench._qlora import qlora_section
 from tools.bench._report import Report
 from tools.bench._suites import Suite
 from tools.bench._timing import CompiledStep, Stepper, Timing, paired_ratio, round_ratios, time_interleaved
@@ -361,7 +363,8 @@ def _inference(report: Report, suite: Suite, bench: Workbench) -> None:
 def run_suite(suite: Suite, *, command: str, profile_dir: Path | None = None, only: str | None = None) -> Report:
   """Runs every measurement of ``suite`` and returns the report (machine, versions, load, figures).
 
-  ``only="dora"`` runs the DoRA section alone, on the suite's headline train shape.
+  ``only="dora"`` runs the DoRA section alone, on the suite's headline train shape; ``only="bank"`` the
+  mixed-adapter batches (``tools.bench._bank``); ``only="qlora"`` the QLoRA figures (``tools.bench._qlora``).
   """
   report = Report(
       suite=suite.name,
@@ -376,8 +379,13 @@ def run_suite(suite: Suite, *, command: str, profile_dir: Path | None = None, on
   bench = Workbench()
   later = {suite.memory_shape, suite.peer_shape, suite.inference_shape}
   with _machine.LoadSampler() as load:
-    if only == "dora":
-      _dora(report, suite, bench, suite.train_shapes[-1])
+    if only in ("dora", "bank", "qlora"):
+      if only == "dora":
+        _dora(report, suite, bench, suite.train_shapes[-1])
+      elif only == "qlora":
+        qlora_section(report, suite, _log, alone=True)
+      else:
+        bank_section(report, suite, _machine.usable_cores(), _log)
       report.machine["load_average_1min"] = load.summary()
       report.machine["wall_s"] = round(time.perf_counter() - start, 1)
       return report
@@ -393,6 +401,8 @@ def run_suite(suite: Suite, *, command: str, profile_dir: Path | None = None, on
       _memory(report, bench, suite.memory_shape)
     _peers(report, suite, bench)
     _inference(report, suite, bench)
+    qlora_section(report, suite, _log)
+    bank_section(report, suite, _machine.usable_cores(), _log)
   report.machine["load_average_1min"] = load.summary()
   report.machine["wall_s"] = round(time.perf_counter() - start, 1)
   return report

@@ -12,7 +12,7 @@ import ml_collections
 from jax.sharding import Mesh
 
 import jlora
-from jlora import models, sharding
+from jlora import models, quant, sharding
 from train import data
 
 
@@ -21,9 +21,12 @@ class Task:
   """A fine-tuning task, built from the config by ``train.tasks.build``.
 
   Attributes:
-    lora: the LoRA transform of the base model (its config is exported with the adapter).
+    lora: the LoRA transform of the base model (its config, ``train.variants.lora_config``, is exported with the
+      adapter).
     params: the frozen base params.
-    init_trainable: ``key -> {"lora": adapters, ...}``; other entries (a task head) train too.
+    init: ``(key, params) -> (params', {"lora": adapters, ...})``: ``Lora.init_with_base``'s base (``params`` itself
+      unless the variant rewrites it: PiSSA/OLoRA's residual, VeRA's projections) and the trainable tree; other
+      entries than ``"lora"`` (a task head) train too.
     loss: ``(trainable, params, batch, rng) -> (loss_sum, {"weight": n})`` over one micro-batch.
     eval_sums: ``(trainable, params, batch) -> {"loss_sum", "weight", ...}`` summed over a batch.
     summarize_eval: sums over the eval set -> ``{"eval/loss": ..., "eval/accuracy" | "eval/perplexity": ...}``.
@@ -33,13 +36,14 @@ class Task:
     metadata: JSON-serialisable facts stored with the exported adapter.
     generation_eval: optional ``(trainable, params, step) -> {"eval/...": value}``, run before training and
       after the last step (it decodes, so it is too slow for every eval); its metrics join that step's eval.
-    export_extra: optional ``(directory, params, trainable)``, writing more files (another adapter format)
-      into the adapter export directory before the adapter itself, so its manifest covers them.
+    export_extra: optional ``(directory, params, adapters, lora_config)``, writing more files (another adapter
+      format) into the adapter export directory before the adapter itself, so its manifest covers them; given the
+      adapter as exported and the base it applies to (``train.variants.exported``).
   """
 
   lora: jlora.Lora
   params: Any
-  init_trainable: Callable[[jax.Array], dict]
+  init: Callable[[jax.Array, Any], tuple[Any, dict]]
   loss: Callable
   eval_sums: Callable
   summarize_eval: Callable[[Mapping[str, float]], dict]
@@ -48,7 +52,7 @@ class Task:
   count_tokens: Callable[[dict], int]
   metadata: dict
   generation_eval: Callable[[dict, Any, int], dict] | None = None
-  export_extra: Callable[[str, Any, dict], None] | None = None
+  export_extra: Callable[[str, Any, Any, jlora.LoraConfig], None] | None = None
 
 
 def sharding_rules(path: str, config: ml_collections.ConfigDict) -> sharding.Rules:
@@ -64,11 +68,61 @@ def sharding_rules(path: str, config: ml_collections.ConfigDict) -> sharding.Rul
   return sharding.rules_from_config(config.mesh.rules, sharding.rules_for(model))
 
 
+QUANTIZE_KINDS = ("", "nf4", "fp4", "int8", "gguf")
+
+
 def load_base(path: str, config: ml_collections.ConfigDict, mesh: Mesh, **kwargs):
-  """The frozen base, loaded straight into its shards on ``mesh`` (no host holds whole sharded tensors)."""
-  return models.from_pretrained(path, dtype=jnp.dtype(config.model.dtype),
-                                param_dtype=jnp.dtype(config.model.param_dtype), mesh=mesh,
-                                rules=sharding_rules(path, config), **kwargs)
+  """The frozen base, loaded straight into its shards on ``mesh`` (no host holds whole sharded tensors).
+
+  ``config.model.quantize`` makes it QLoRA's base: ``"gguf"`` keeps a GGUF file's Q4_0 / Q4_1 / Q8_0
+  projections in their blocks (``from_pretrained(..., quantized="keep")``, never a float copy);
+  ``"nf4"`` / ``"fp4"`` / ``"int8"`` quantize the kernels ``model.quantize_targets`` selects after loading
+  (:func:`quantize_base`). Either way each quantized leaf is sharded by ``jlora.sharding.param_specs``.
+  """
+  kind = config.model.get("quantize", "")
+  if kind not in QUANTIZE_KINDS:
+    raise ValueError(f"model.quantize must be one of {list(QUANTIZE_KINDS)} ('' = no quantization), got {kind!r}.")
+  if kind == "gguf":
+    if not path.lower().endswith(".gguf"):
+      raise ValueError(f"model.quantize='gguf' keeps the blocks of a GGUF file, but the checkpoint is {path}; use "
+                       "model.quantize='nf4' (or fp4, int8) to quantize a float checkpoint.")
+    kwargs["quantized"] = "keep"
+  rules = sharding_rules(path, config)
+  model, params = models.from_pretrained(path, dtype=jnp.dtype(config.model.dtype),
+                                         param_dtype=jnp.dtype(config.model.param_dtype), mesh=mesh, rules=rules,
+                                         **kwargs)
+  if kind in ("nf4", "fp4", "int8"):
+    params = quantize_base(params, config.model, mesh, rules)
+  return model, params
+
+
+def quantization_metadata(config: ml_collections.ConfigDict) -> dict | None:
+  """How the job quantized its frozen base (stored with the exported adapter), or None for a float base.
+
+  An adapter trained over a quantized base is checked against that base's fingerprint; these settings
+  rebuild it from the checkpoint (``jlora.quant.quantize(params, targets, kind, block_size, double_quant)``, or
+  ``from_pretrained(path, quantized="keep")`` for ``"gguf"``).
+  """
+  kind = config.model.get("quantize", "")
+  if not kind:
+    return None
+  if kind == "gguf":
+    return {"kind": "gguf"}
+  return {"kind": kind, "targets": config.model.quantize_targets, "block_size": config.model.block_size,
+          "double_quant": config.model.double_quant}
+
+
+def quantize_base(params: Any, model_config: ml_collections.ConfigDict, mesh: Mesh, rules: sharding.Rules) -> Any:
+  """``params`` with the kernels ``model_config.quantize_targets`` selects in ``model_config.quantize``'s format
+  (``jlora.quant.quantize``), each quantized leaf placed by ``jlora.sharding.param_specs``.
+
+  Raises:
+    JloraError: a target that matches nothing or no kernel, non-finite weights, or a mesh that would split a
+      block (every device holds whole blocks: lower ``model.block_size`` or split the input axis less).
+  """
+  quantized = quant.quantize(params, model_config.quantize_targets, kind=model_config.quantize,
+                             block_size=model_config.block_size, double_quant=model_config.double_quant)
+  return jax.device_put(quantized, sharding.named(sharding.param_specs(quantized, rules, mesh), mesh))
 
 
 def registered_sources(config: ml_collections.ConfigDict) -> dict | None:

@@ -22,9 +22,9 @@ from jax.sharding import Mesh
 import jlora
 import jlora.peft
 from jlora import models
-from train import data
+from train import data, variants
 from train.tasks import gguf_files, pydoc_sft, stdlib_summaries
-from train.tasks.base import Task, load_base, registered_sources
+from train.tasks.base import Task, load_base, quantization_metadata, registered_sources
 from train.tasks.generation_eval import GenerationEval, Prompt, spread
 
 
@@ -34,8 +34,11 @@ def _checkpoint(config: ml_collections.ConfigDict, workdir: str) -> str:
   package = config.model.get("package", "")
   if config.model.create_tiny and package:  # the package file's tokenizer and template, tiny random weights
     like = gguf_files.package_file(package, config.model.package_file)
-    return gguf_files.create_tiny_gguf(os.path.join(workdir, "tiny_model.gguf"), like=like, seed=config.seed,
-                                       vocab_size=config.model.get("tiny_vocab_size", 0) or None)
+    projection_type = config.model.get("tiny_projection_type", "f32")
+    name = "tiny_model.gguf" if projection_type == "f32" else f"tiny_model.{projection_type}.gguf"
+    return gguf_files.create_tiny_gguf(os.path.join(workdir, name), like=like, seed=config.seed,
+                                       vocab_size=config.model.get("tiny_vocab_size", 0) or None,
+                                       projection_type=projection_type)
   if config.model.create_tiny:
     return pydoc_sft.create_tiny_llama(os.path.join(workdir, "tiny_llama"), seed=config.seed)
   if package:
@@ -85,7 +88,7 @@ def build(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh) -> Task:
                            process_index=jax.process_index(), process_count=jax.process_count(),
                            on_bad_example=config.data.on_bad_example, turns_fn=turns_fn)
 
-  lora = jlora.Lora(model, jlora.LoraConfig(**config.lora))
+  lora = jlora.Lora(model, variants.lora_config(config))
   example = np.zeros((1, seq_len), np.int32)
 
   def logits(trainable, params, batch, rng):
@@ -121,21 +124,26 @@ def build(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh) -> Task:
         batch_size=config.generation_eval.batch_size, eos_ids=_end_ids(tokenizer, config.data.end_token, model),
         shown=config.generation_eval.shown)
 
-  def export_peft(directory: str, params, trainable: dict) -> None:
-    jlora.peft.save_pretrained(os.path.join(directory, "peft"), trainable["lora"], lora.config, model, params=params,
+  def export_peft(directory: str, params, adapters: dict, lora_config: jlora.LoraConfig) -> None:
+    jlora.peft.save_pretrained(os.path.join(directory, "peft"), adapters, lora_config, model, params=params,
                                base_model_name_or_path=os.path.abspath(path))
+
+  def init(key, params):
+    params, adapters = lora.init_with_base(key, params, example)
+    return params, {"lora": adapters}
 
   return Task(
       lora=lora,
       params=params,
-      init_trainable=lambda key: {"lora": lora.init(key, params, example)},
+      init=init,
       loss=loss,
       eval_sums=eval_sums,
       summarize_eval=summarize_eval,
       train_batches=lambda: batches("train", micro_batch, True, None),
       eval_batches=lambda: batches("validation", config.data.eval_batch_size, False, 1),
       count_tokens=lambda batch: int(np.sum(batch["segment_ids"] > 0)),
-      metadata={"task": "causal_lm", "base_model": os.path.abspath(path)},
+      metadata={"task": "causal_lm", "base_model": os.path.abspath(path),
+                "base_quantization": quantization_metadata(config)},
       generation_eval=generation_eval,
       export_extra=export_peft if config.get("export") and config.export.peft else None,
   )

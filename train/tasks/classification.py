@@ -19,9 +19,9 @@ from jax.sharding import Mesh
 
 import jlora
 from jlora import models
-from train import data
+from train import data, variants
 from train.tasks import stdlib_docs
-from train.tasks.base import Task, load_base, registered_sources
+from train.tasks.base import Task, load_base, quantization_metadata, registered_sources
 
 
 def minilm_dir() -> str:
@@ -66,13 +66,13 @@ def build(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh) -> Task:
         process_count=jax.process_count(), on_bad_example=config.data.on_bad_example)
 
   example = next(iter(batches("train", 2, False, 1)))
-  lora = jlora.Lora(model, jlora.LoraConfig(**config.lora))
+  lora = jlora.Lora(model, variants.lora_config(config))
   hidden_size = model.config.hidden_size
 
-  def init_trainable(key):
-    adapters = lora.init(key, params, example["input_ids"], example["attention_mask"])
+  def init(key, params):
+    params, adapters = lora.init_with_base(key, params, example["input_ids"], example["attention_mask"])
     head = {"kernel": jnp.zeros((hidden_size, len(labels)), jnp.float32), "bias": jnp.zeros((len(labels),), jnp.float32)}
-    return {"lora": adapters, "head": head}
+    return params, {"lora": adapters, "head": head}
 
   def logits(trainable, params, batch, rng):
     hidden = lora.apply(params, trainable["lora"], batch["input_ids"], batch["attention_mask"],
@@ -100,7 +100,7 @@ def build(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh) -> Task:
   return Task(
       lora=lora,
       params=params,
-      init_trainable=init_trainable,
+      init=init,
       loss=loss,
       eval_sums=eval_sums,
       summarize_eval=summarize_eval,
@@ -108,5 +108,6 @@ def build(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh) -> Task:
       eval_batches=lambda: batches("validation", config.data.eval_batch_size, False, 1),
       count_tokens=lambda batch: int(np.sum(batch["attention_mask"])),
       metadata={"task": "classification", "labels": labels, "base_model": os.path.abspath(path),
+                "base_quantization": quantization_metadata(config),
                 "chance_accuracy": 1.0 / len(labels), "log_chance": math.log(len(labels))},
   )

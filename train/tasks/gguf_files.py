@@ -16,6 +16,8 @@ from typing import Any
 import gguf
 import numpy as np
 
+PROJECTION_TYPES = ("f32", "q4_0", "q4_1", "q8_0")
+
 
 def package_file(package: str, filename: str) -> str:
   """The path of ``filename`` inside the installed package ``package`` (which is not imported).
@@ -59,7 +61,7 @@ def _tokenizer_fields(source: gguf.GGUFReader, vocab_size: int | None) -> list[t
 
 
 def create_tiny_gguf(path: str, *, like: str, vocab_size: int | None = None, hidden_size: int = 64, layers: int = 2,
-                     heads: int = 4, kv_heads: int = 2, seed: int = 0) -> str:
+                     heads: int = 4, kv_heads: int = 2, seed: int = 0, projection_type: str = "f32") -> str:
   """Writes a random Llama GGUF file with the tokenizer and chat template of ``like``.
 
   Weights are float32 draws of standard deviation 0.02 (norms 1), with an untied ``output.weight`` (a
@@ -77,12 +79,17 @@ def create_tiny_gguf(path: str, *, like: str, vocab_size: int | None = None, hid
     heads: attention heads (``hidden_size`` must divide evenly).
     kv_heads: key/value heads.
     seed: numpy seed of the weights.
+    projection_type: the GGUF type of the seven projections of every layer: ``"f32"``, or ``"q4_0"``,
+      ``"q4_1"``, ``"q8_0"`` (quantized by the ``gguf`` package, as llama.cpp stores SmolLM2's Q4_1 file), which
+      ``from_pretrained(path, quantized="keep")`` keeps in their blocks. Embeddings and norms stay float32.
 
   Returns:
     ``path``.
   """
   if os.path.exists(path):
     return path
+  if projection_type not in PROJECTION_TYPES:
+    raise ValueError(f"projection_type must be one of {list(PROJECTION_TYPES)}, got {projection_type!r}.")
   fields = _tokenizer_fields(gguf.GGUFReader(like), vocab_size)
   vocab_size = len(next(value for name, value, _ in fields if name == "tokenizer.ggml.tokens"))
   head_dim = hidden_size // heads
@@ -105,20 +112,28 @@ def create_tiny_gguf(path: str, *, like: str, vocab_size: int | None = None, hid
   def weight(*shape):  # GGUF's (out, in) layout, as PyTorch's
     return (0.02 * rng.standard_normal(shape)).astype(np.float32)
 
+  def projection(name, *shape):
+    value = weight(*shape)
+    if projection_type == "f32":
+      writer.add_tensor(name, value)
+    else:
+      qtype = gguf.GGMLQuantizationType[projection_type.upper()]
+      writer.add_tensor(name, gguf.quants.quantize(value, qtype), raw_dtype=qtype)
+
   writer.add_tensor("token_embd.weight", weight(vocab_size, hidden_size))
   # An untied head: with tied embeddings a tiny random model mostly repeats its last input token.
   writer.add_tensor("output.weight", weight(vocab_size, hidden_size))
   writer.add_tensor("output_norm.weight", np.ones(hidden_size, np.float32))
   for i in range(layers):
     writer.add_tensor(f"blk.{i}.attn_norm.weight", np.ones(hidden_size, np.float32))
-    writer.add_tensor(f"blk.{i}.attn_q.weight", weight(heads * head_dim, hidden_size))
-    writer.add_tensor(f"blk.{i}.attn_k.weight", weight(kv_heads * head_dim, hidden_size))
-    writer.add_tensor(f"blk.{i}.attn_v.weight", weight(kv_heads * head_dim, hidden_size))
-    writer.add_tensor(f"blk.{i}.attn_output.weight", weight(hidden_size, heads * head_dim))
+    projection(f"blk.{i}.attn_q.weight", heads * head_dim, hidden_size)
+    projection(f"blk.{i}.attn_k.weight", kv_heads * head_dim, hidden_size)
+    projection(f"blk.{i}.attn_v.weight", kv_heads * head_dim, hidden_size)
+    projection(f"blk.{i}.attn_output.weight", hidden_size, heads * head_dim)
     writer.add_tensor(f"blk.{i}.ffn_norm.weight", np.ones(hidden_size, np.float32))
-    writer.add_tensor(f"blk.{i}.ffn_gate.weight", weight(4 * hidden_size, hidden_size))
-    writer.add_tensor(f"blk.{i}.ffn_up.weight", weight(4 * hidden_size, hidden_size))
-    writer.add_tensor(f"blk.{i}.ffn_down.weight", weight(hidden_size, 4 * hidden_size))
+    projection(f"blk.{i}.ffn_gate.weight", 4 * hidden_size, hidden_size)
+    projection(f"blk.{i}.ffn_up.weight", 4 * hidden_size, hidden_size)
+    projection(f"blk.{i}.ffn_down.weight", hidden_size, 4 * hidden_size)
   writer.write_header_to_file()
   writer.write_kv_data_to_file()
   writer.write_tensors_to_file()
