@@ -117,7 +117,12 @@ class LoraConfig:
     for where, rank in [("rank", self.rank), *((f"rank_pattern[{k!r}]", v) for k, v in self.rank_pattern.items())]:
       if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
         raise JloraError(f"LoraConfig.{where} must be a positive int, got {rank!r}.")
-    if not 0.0 <= self.dropout < 1.0:
+    for where, alpha in [("alpha", self.alpha), *((f"alpha_pattern[{k!r}]", v) for k, v in self.alpha_pattern.items())]:
+      if not _is_real(alpha) or not math.isfinite(alpha):
+        raise JloraError(f"LoraConfig.{where} must be a finite number, got {alpha!r}.")
+    if not isinstance(self.use_rslora, bool):
+      raise JloraError(f"LoraConfig.use_rslora must be True or False, got {self.use_rslora!r}.")
+    if not _is_real(self.dropout) or not 0.0 <= self.dropout < 1.0:
       raise JloraError(f"LoraConfig.dropout must be in [0, 1), got {self.dropout!r}.")
     if not isinstance(self.init, str) or not (self.init in RANDOM_INITS or is_base_rewriting(self.init)):
       raise JloraError(f"LoraConfig.init must be one of {list(RANDOM_INITS)}, 'pissa', 'pissa_niter_K' (K a "
@@ -209,3 +214,8 @@ def _first_match(pattern: Mapping, path: str, default):
     if re.fullmatch(rule, path):
       return value
   return default
+
+
+def _is_real(value) -> bool:
+  """A real number given as one (not a bool, a string or an array)."""
+  return isinstance(value, numbers.Real) and not isinstance(value, bool)
