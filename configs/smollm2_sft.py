@@ -4,6 +4,8 @@ The main job (`make run`; under 12 minutes on 2 CPU cores, data preparation and 
   python -m train --config configs/smollm2_sft.py --workdir workdir/smollm2_sft
 Smoke (a tiny random model with SmolLM2's tokenizer and chat template; seconds):
   python -m train --config configs/smollm2_sft.py:smoke --workdir /tmp/smollm2_smoke
+QLoRA: the same job over the file's own Q4_1 blocks as the frozen base (never a float copy; `smoke_qlora`: its smoke):
+  python -m train --config configs/smollm2_sft.py:qlora --workdir workdir/smollm2_sft_qlora
 Then try it: jlora chat --base <the .gguf file> --adapter workdir/smollm2_sft/adapter --prompt 'json.loads(s)'
 """
 
@@ -86,7 +88,13 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
 
   common.add_runtime(config, checkpoint_every=25, keep=2)
 
-  if variant == "smoke":
+  if variant in ("qlora", "smoke_qlora"):
+    # "gguf", not "nf4": the plain job trains over these very Q4_1 weights dequantized to float32, and the kept
+    # blocks dequantize to them bit for bit, so QLoRA trains the same function at 0.625 bytes per projection weight;
+    # NF4 would requantize weights that are already 4-bit (a second rounding) and compare two different bases.
+    config.model.quantize = "gguf"
+    config.model.tiny_projection_type = "q4_1"  # smoke_qlora: the tiny file stores its projections as the real one
+  if variant in ("smoke", "smoke_qlora"):
     config.model.create_tiny = True
     config.data.seq_len = 128
     config.data.batch_size = 4
@@ -101,7 +109,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     config.train.log_every = 2
     config.train.eval_every = 4
     config.checkpoint.every = 4
-  elif variant:
-    raise ValueError(f"unknown variant {variant!r}; known: '' (default), 'smoke'")
+  elif variant not in ("", "qlora"):
+    raise ValueError(f"unknown variant {variant!r}; known: '' (default), 'smoke', 'qlora', 'smoke_qlora'")
   return config
 

@@ -135,9 +135,7 @@ def test_bad_quantize_settings_fail_before_training(checkpoint, tmp_path):
 def gguf_run(tmp_path_factory):
   from configs import smollm2_sft
 
-  config = smollm2_sft.get_config("smoke")
-  config.model.quantize = "gguf"
-  config.model.tiny_projection_type = "q4_1"  # as the real SmolLM2 file stores its projections
+  config = smollm2_sft.get_config("smoke_qlora")  # the file's Q4_1 blocks kept, as configs/smollm2_sft.py:qlora
   config.mesh.num_devices = 1
   config.train.steps = 4
   config.train.eval_every = 4
@@ -167,6 +165,23 @@ def test_gguf_job_trains_over_the_files_blocks_and_both_exports_name_them(gguf_r
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=0), adapters, ours)
   with pytest.raises(jlora.UnsafeAdapterError, match="fingerprint"):
     jlora.peft.from_pretrained(peft_dir, model, dequantized, ids)
+
+
+def test_qlora_variant_of_the_main_job_changes_only_the_base():
+  """configs/smollm2_sft.py:qlora is the main job over the kept Q4_1 blocks: same steps, data, adapter, optimizer."""
+  from configs import smollm2_sft
+
+  def flat(tree, prefix=""):
+    if not isinstance(tree, dict):
+      return {prefix: tree}
+    return {k: v for name, sub in tree.items() for k, v in flat(sub, f"{prefix}.{name}").items()}
+
+  plain, qlora = flat(smollm2_sft.get_config().to_dict()), flat(smollm2_sft.get_config("qlora").to_dict())
+  assert plain.keys() == qlora.keys()
+  assert {k for k in plain if plain[k] != qlora[k]} == {".model.quantize", ".model.tiny_projection_type"}
+  assert qlora[".model.quantize"] == "gguf" and not plain[".model.quantize"]
+  with pytest.raises(ValueError, match="unknown variant"):
+    smollm2_sft.get_config("qlora_nf4")
 
 
 # --- jlora.peft.base_fingerprint of a quantized base ----------------------------------------------------------
