@@ -103,7 +103,9 @@ def _load(base: str, adapter: str, policy: jlora.LoadPolicy, **checks) -> Loaded
   tokens = jnp.zeros((1, 1), jnp.int32)
   if kind == "peft":
     model, params = models.from_pretrained(base_dir)
-    adapters, config = jlora.peft.from_pretrained(adapter_dir, model, params, policy=policy, **checks)
+    # Every PEFT type; a VeRA file brings its projections, which join the params (frozen state).
+    params, adapters, config = jlora.peft.from_pretrained_with_base(adapter_dir, model, params, policy=policy,
+                                                                    **checks)
     lora = jlora.Lora(model, config)
     lora.trace(params, tokens)
     return Loaded(kind, model, params, adapters, config, lora, json.loads((adapter_dir / "adapter_config.json")
@@ -119,7 +121,14 @@ def _load(base: str, adapter: str, policy: jlora.LoadPolicy, **checks) -> Loaded
                                    f"{metadata['extra'].get('base_model_name_or_path')!r}, expected {expected!r}.")
   model, params = models.from_pretrained(base_dir, scan_layers=_scan_layers_for(base_dir, adapter_dir, policy))
   lora = jlora.Lora(model, metadata["lora_config"])
-  target = jax.eval_shape(lora.init, jax.random.key(0), params, tokens)
+  if lora.config.rewrites_base:
+    raise jlora.JloraError(
+        f"{adapter_dir} is a {lora.config.init} adapter: it belongs to the residual base its init computed, which "
+        "is not on disk. Export it for the original base as plain LoRA (jlora.variants.to_plain_lora; the training "
+        "job does) and use that.")
+  if lora.variant.init_state is not None:  # VeRA: its projections are rebuilt from the config's seed
+    params = lora.init_with_base(jax.random.key(0), params, tokens)[0]
+  target = jax.eval_shape(lora.init_with_base, jax.random.key(0), params, tokens)[1]
   # The stored fingerprint is checked against these params; the norm report runs with this lora.
   adapters, config = jlora.load_adapters(adapter_dir, target, params=params, lora=lora, policy=policy)
   return Loaded(kind, model, params, adapters, config, lora, metadata)

@@ -261,3 +261,35 @@ def test_chat_refuses_a_base_without_tokenizer_or_template(saved, chat_bases, tm
   (bare / "tokenizer_config.json").unlink()
   assert cli.main(["chat", "--base", str(bare), "--prompt", "hi"]) == 1
   assert "has no chat template" in capsys.readouterr().err
+
+
+def test_vera_adapters_and_pissa_refusal(saved, tmp_path, capsys):
+  """VeRA needs its projections: a jlora checkpoint rebuilds them from the config's seed, a PEFT file brings its
+  own; both validate and merge to the adapted logits. A PiSSA checkpoint (trained on a residual base that is not
+  on disk) is refused with what to do instead."""
+  root, model, params, *_ = saved
+  base = str(root / "base")
+  config = jlora.LoraConfig(targets=r".*/(q_proj|v_proj)/kernel", rank=8, variant="vera", projection_seed=3)
+  vera = jlora.Lora(model, config)
+  vera_params, initial = vera.init_with_base(jax.random.key(0), params, TOKENS)
+  adapters = random_like(initial, seed=2, scale=0.3)
+  jlora.save_adapters(tmp_path / "vera", adapters, config, base_fingerprint=jlora.fingerprint(vera_params))
+  jlora.peft.save_pretrained(tmp_path / "vera_peft", adapters, config, model, params=vera_params)
+  ids = jnp.array([[3, 1, 4, 1, 5, 9]])
+  expected = vera.apply(vera_params, adapters, ids)
+  assert not np.allclose(expected, model.apply({"params": params}, ids), atol=1e-3)  # the adapter changes logits
+  for adapter in ("vera", "vera_peft"):
+    assert cli.main(["validate", str(tmp_path / adapter), "--base", base, "--allow-missing-fingerprint"]) == 0, (
+        capsys.readouterr().err)
+    assert capsys.readouterr().out.startswith("OK: ")
+    assert cli.main(["merge", "--base", base, "--adapter", str(tmp_path / adapter), "--out",
+                     str(tmp_path / f"{adapter}_merged"), "--dtype", "float32", "--allow-missing-fingerprint"]) == 0
+    merged_model, merged = models.from_pretrained(tmp_path / f"{adapter}_merged")
+    np.testing.assert_allclose(merged_model.apply({"params": merged}, ids), expected, atol=2e-5, rtol=0)
+    assert capsys.readouterr().out.startswith("merged ")
+
+  pissa = jlora.Lora(model, jlora.LoraConfig(targets=r".*/q_proj/kernel", rank=2, init="pissa"))
+  residual, pissa_adapters = pissa.init_with_base(jax.random.key(0), params, TOKENS)
+  jlora.save_adapters(tmp_path / "pissa", pissa_adapters, pissa.config, base_fingerprint=jlora.fingerprint(residual))
+  assert cli.main(["validate", str(tmp_path / "pissa"), "--base", base]) == 1
+  assert "to_plain_lora" in capsys.readouterr().err
