@@ -286,6 +286,10 @@ def _check_fingerprints(fingerprints, count: int, policy: LoadPolicy) -> None:
 
 
 def _check_plain(config: LoraConfig, i: int) -> None:
+  if config.rewrites_base:
+    raise JloraError(f"jlora.combine: input {i} has init={config.init!r}: it belongs to the residual base its init "
+                     "computed, not to the base the others adapt. Convert it first to the plain LoRA of the original "
+                     "base (jlora.variants.to_plain_lora).")
   for field in dataclasses.fields(config):
     if field.name in _PLAIN_FIELDS:
       continue

@@ -382,12 +382,14 @@ def test_refuses_different_or_missing_fingerprints(setup):
     (["x", "y"], dict(combination_type="mean"), "is not one of"),
     (["x", "dora"], dict(combination_type="cat"), "use_dora=True.*plain LoRA"),
     (["x", "swapped"], dict(combination_type="cat"), "pass each adapter with its own config"),
+    (["x", "pissa"], dict(combination_type="cat"), "input 1 has init='pissa'.*to_plain_lora"),
 ], ids=["ranks", "density_unused", "key_unused", "density_missing", "dare_density_0", "driver", "method", "variant",
-        "tree"])
+        "tree", "residual_base"])
 def test_refusals(setup, inputs, kwargs, message):
   known = {**{n: (setup.adapters[n], setup.configs[n]) for n in ADAPTERS},
            "dora": (setup.adapters["x"], jlora.LoraConfig(**ADAPTERS["x"], use_dora=True)),
-           "swapped": (setup.adapters["y"], setup.configs["x"])}
+           "swapped": (setup.adapters["y"], setup.configs["x"]),
+           "pissa": (setup.adapters["y"], jlora.LoraConfig(**{**ADAPTERS["y"], "init": "pissa"}))}
   with pytest.raises(jlora.JloraError, match=message):
     jlora.combine(setup.model, setup.params, [known[n] for n in inputs], [1.0, 1.0], IDS, **kwargs)
 
