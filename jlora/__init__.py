@@ -20,6 +20,8 @@ Public API (everything else is private):
 * ``norm_report``, ``NormReport``, ``NormRow``: per-module ``||s A@B|| / ||W||`` with robust outlier flags.
 * ``AdapterBank``, ``BankState``: many adapters of one base in one fixed-shape pytree, applied per row of a batch
   (mixed-adapter batches in training and ``jlora.models.generate(..., adapter_ids=...)``), compiled once.
+* ``Router``, ``centroid_router``, ``linear_router``, ``pooled_features``: pick a bank slot per request from the base
+  model's pooled hidden states (nearest centroid of a few example prompts, or a trained linear router).
 * ``invocation_starts``: where each row's activated-LoRA invocation sequence starts (``LoraConfig.invocation_tokens``).
 * ``relora_init``, ``relora_apply``, ``relora_fold``, ``relora_restart``, ``relora_prune``, ``relora_schedule``:
   ReLoRA's merge-and-restart (accumulated float32 update of the targeted kernels, optimizer-state pruning, jagged
@@ -45,6 +47,7 @@ from jlora._layout import KernelLayout
 from jlora._lora import Lora
 from jlora._optim import adapter_labels, adapters_only, lora_plus
 from jlora._relora import relora_apply, relora_fold, relora_init, relora_prune, relora_restart, relora_schedule
+from jlora._router import Router, centroid_router, linear_router, pooled_features
 from jlora._safety import (
     AdapterNormWarning,
     LoadPolicy,
@@ -64,6 +67,10 @@ __all__ = [
     "AdapterBank",
     "BankState",
     "invocation_starts",
+    "Router",
+    "centroid_router",
+    "linear_router",
+    "pooled_features",
     "AdaLoraAllocatorState",
     "adalora_allocator",
     "adalora_orth_loss",
