@@ -32,10 +32,11 @@ from jlora.peft._formats import (
   config_error,
   escaped,
   host_leaf,
+  linear_targets,
   read_weights,
   write_adapter_dir,
 )
-from jlora.peft._import import _check_config, _fail, _is_number, _targeted
+from jlora.peft._import import _check_config, _fail, _is_number
 from jlora.peft._matching import target_modules_for
 from jlora.peft._modules import module_table
 
@@ -145,11 +146,7 @@ def load_adalora(directory: pathlib.Path, weights: pathlib.Path, digests: dict, 
                  ) -> tuple[Mapping, dict, LoraConfig]:
   """A PEFT AdaLoRA directory as ``(params, adapters, LoraConfig(variant="adalora"))``, checked."""
   config = _check_adalora_config(raw, directory, config_to_hf(model.config)["model_type"])
-  table = module_table(model.config)
-  modules, _ = _targeted(config, table, directory)
-  wrong = [m.name for m in modules if m.kind not in ("linear", "conv1d")]
-  if wrong:
-    raise _fail(directory, f"targets {wrong[:8]}, which are not Linear/Conv1D layers: PEFT's AdaLoRA refuses them.")
+  table, modules = linear_targets(config, model, directory, "AdaLoRA")
   names = {m.name for m in modules}
   stray = sorted(set(config["kept"]) - names)
   if stray:

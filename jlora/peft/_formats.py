@@ -25,8 +25,8 @@ from jlora._safety._manifest import MANIFEST
 from jlora._variant import split_state
 from jlora.peft._export import CONFIG_FILE, WEIGHTS_FILE, write_safetensors
 from jlora.peft._fingerprint import METADATA_KEY, base_fingerprint
-from jlora.peft._import import _fail, from_pretrained, read_directory
-from jlora.peft._modules import HfModule, ModuleTable
+from jlora.peft._import import _fail, _targeted, from_pretrained, read_directory
+from jlora.peft._modules import HfModule, ModuleTable, module_table
 
 
 def from_pretrained_with_base(path: str | os.PathLike, model, params: Mapping, *example_inputs: Any,
@@ -191,3 +191,14 @@ def host_leaf(node: Mapping, name: str, shape: tuple, kernel_path: str) -> np.nd
     raise JloraError(f"Adapter at '{kernel_path}' has a {value.dtype.name} {name}; PEFT export writes float16, "
                      "bfloat16 or float32.")
   return value
+
+
+def linear_targets(config: dict, model, directory: pathlib.Path, method: str) -> tuple[ModuleTable, list[HfModule]]:
+  """The model's module table and the modules a VeRA or AdaLoRA ``config`` adapts (as PEFT chooses them); refused
+  unless all are Linear/Conv1D, as PEFT's ``method`` refuses them."""
+  table = module_table(model.config)
+  modules, _ = _targeted(config, table, directory)
+  wrong = [m.name for m in modules if m.kind not in ("linear", "conv1d")]
+  if wrong:
+    raise _fail(directory, f"targets {wrong[:8]}, which are not Linear/Conv1D layers: PEFT's {method} refuses them.")
+  return table, modules
