@@ -43,3 +43,23 @@ def test_importing_every_jlora_module_loads_no_torch_transformers_or_peft():
   assert set(report["modules"]) == on_disk
   assert {"jlora.nnx", "jlora.peft", "jlora.sharding", "jlora.models", "jlora.cli", "jlora.__main__"} <= on_disk
   assert report["culprits"] == {}, f"{{jlora module: what importing it loaded}}: {report['culprits']}"
+
+
+_JOB_IMPORTS = """
+import json, sys, tempfile
+import train.train  # the whole training job
+from train.metrics import MetricWriter
+
+writer = MetricWriter(tempfile.mkdtemp())  # imports tensorboardX, which imports torch whenever it can
+writer.write(1, {"train/loss": 1.0})
+writer.close()
+print(json.dumps(sorted({name.split(".")[0] for name in sys.modules} & set(sys.argv[1:]))))
+"""
+
+
+def test_the_training_job_loads_no_torch_transformers_or_peft():
+  """torch is installed here (test extras); the job's processes must not pay for importing it anyway."""
+  result = subprocess.run([sys.executable, "-c", _JOB_IMPORTS, *FORBIDDEN], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+  assert result.returncode == 0, result.stderr[-4000:]
+  assert json.loads(result.stdout.strip().splitlines()[-1]) == []

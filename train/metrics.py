@@ -8,6 +8,27 @@ from collections.abc import Mapping
 import jax
 
 
+def _tensorboard_writer():
+  """tensorboardX's ``SummaryWriter``, imported without torch.
+
+  tensorboardX imports torch whenever it is installed (only to accept torch tensors as values, which the job never
+  passes), and the test extras install it: that import alone costs every job process seconds and hundreds of MiB.
+  Where torch is not imported yet, it is hidden for the duration of the import (``import torch`` then raises
+  ImportError, which tensorboardX expects); a torch imported earlier is left as it is.
+  """
+  import sys
+
+  if "tensorboardX" in sys.modules or "torch" in sys.modules:
+    from tensorboardX import SummaryWriter
+    return SummaryWriter
+  sys.modules["torch"] = None  # type: ignore[assignment]
+  try:
+    from tensorboardX import SummaryWriter
+  finally:
+    del sys.modules["torch"]
+  return SummaryWriter
+
+
 class MetricWriter:
   """Writes ``{"step": s, name: value, ...}`` lines to ``workdir/metrics.jsonl`` and TensorBoard scalars.
 
@@ -20,8 +41,7 @@ class MetricWriter:
     self.path = os.path.join(workdir, "metrics.jsonl")
     if not self.active:
       return
-    from tensorboardX import SummaryWriter  # test/train dependency only, not needed by the library
-
+    SummaryWriter = _tensorboard_writer()
     os.makedirs(workdir, exist_ok=True)
     self._file = open(self.path, "a")
     self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
