@@ -39,6 +39,11 @@ REQUIRED = (
     "qwix_base_bytes_per_param",
     "qwix_step_base_bytes_per_param",
     "jlora_qwix_qlora_step_ratio",
+    "bank_mixed_one_prefill_ratio",
+    "bank_mixed_one_decode_ratio",
+    "bank_sgmv_bgmv_prefill_ratio",
+    "bank_sgmv_bgmv_decode_ratio",
+    "jlora_peft_mixed_prefill_ratio",
 )
 
 
@@ -78,10 +83,11 @@ def test_required_figures_are_measured(smoke_report):
   # Only the decode rates may be null in a smoke run (noise can exceed a 4-token decode) and PEFT
   # when torch is absent; each null says why in its detail.
   may_be_null = {"decode_tokens_per_s_base", "decode_tokens_per_s_lora", "jlora_peft_step_ratio",
-                 "peft_dora_lora_step_ratio"}
+                 "peft_dora_lora_step_ratio", "jlora_peft_mixed_prefill_ratio"}
   for name in set(REQUIRED) - may_be_null:
     assert results[name]["value"] is not None and results[name]["value"] > 0, (name, results[name])
-  for name in ("lora_full_memory_ratio", "merged_base_forward_ratio", "jlora_nnx_step_ratio", "jlora_peft_step_ratio"):
+  for name in ("lora_full_memory_ratio", "merged_base_forward_ratio", "jlora_nnx_step_ratio", "jlora_peft_step_ratio",
+               "bank_mixed_one_prefill_ratio", "bank_mixed_one_decode_ratio", "jlora_peft_mixed_prefill_ratio"):
     assert results[name]["target"] is not None, name
   # XLA's FLOP counts are deterministic: LoRA never does more work than full fine-tuning.
   assert 0 < results["lora_full_flop_ratio"]["value"] < 1
