@@ -165,3 +165,37 @@ def test_routed_generate_equals_each_row_alone(routed):
     alone = models.generate(model, lora.inject(params, adapters), ids, mask, max_new_tokens=4,
                             apply_fn=lora.apply_fn())
     np.testing.assert_array_equal(got[rows], np.asarray(alone)[rows])
+
+
+def test_route_demo_end_to_end_on_a_tiny_model(tmp_path):
+  """``tools.route_demo`` on a tiny random model with SmolLM2's tokenizer: the code path of the README's figures.
+  Requests routed to the same slot as the oracle get the oracle's answer (rows do not interact in a mixed batch)."""
+  import json
+
+  from tools import route_demo
+  from train.tasks import stdlib_summaries
+
+  settings = route_demo.TINY
+  model, params, tokenizer, template = route_demo.load_model(settings, str(tmp_path))
+  result = route_demo.run(model, params, tokenizer, template, stdlib_summaries.examples(), settings, str(tmp_path))
+  assert result == json.loads((tmp_path / "route_demo.json").read_text())
+  assert len(result["losses"]) == settings.steps and all(np.isfinite(result["losses"]))
+  for kind, routing in result["routing"].items():
+    assert np.sum(routing["confusion"]) == result["held_out"]["routing"] == 3 * settings.routing_prompts, kind
+    assert routing["accuracy"] == pytest.approx(np.trace(routing["confusion"]) / np.sum(routing["confusion"]))
+  assert set(result["quality"]) == set(route_demo.TASKS)
+  rows = [json.loads(line) for line in (tmp_path / "answers.jsonl").read_text().splitlines()]
+  assert len(rows) == result["held_out"]["quality"] == 3 * settings.quality_prompts
+  for row in rows:
+    assert row["oracle"]["slot"] == route_demo.TASKS.index(row["task"]) and row["base"]["slot"] == -1
+    for kind in ("centroid", "linear"):
+      if row[kind]["slot"] == row["oracle"]["slot"]:
+        assert row[kind]["answer"] == row["oracle"]["answer"], (kind, row)
+  assert "| centroid |" in route_demo.tables(result)
+
+
+def test_param_names_of_a_signature():
+  from tools.route_demo import param_names
+
+  assert param_names("(obj, /, *args, key=None, **kwargs)") == "obj, *args, key, **kwargs"
+  assert param_names("()") is None and param_names("(x=<object object>)") is None
