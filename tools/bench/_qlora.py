@@ -9,12 +9,15 @@ the same interleaved rounds:
   double quantization, each kernel dequantized inside its own module's call (under ``nn.scan`` one layer at a time,
   again in the backward pass); the embedding and the LM head stay bf16, as QLoRA leaves them;
 * ``qwix_qlora``: qwix's ``LoraProvider`` with ``LoraRule(weight_qtype="nf4", tile_size=64)`` on the same model
-  and projections (``tools.bench._qwix``).
+  and projections (``tools.bench._qwix``);
+* ``qlora_bf16a``: jlora's QLoRA with bfloat16 adapters, qwix's choice (its adapters take the dtype of the weight's
+  scale), so that jlora vs qwix compares like with like; jlora's default (and PEFT's) keeps adapters in float32.
 
 Figures: bytes per quantized parameter counted on the arrays and in each compiled step's argument bytes (all its
 arguments less the adapters, optimizer state, token ids and unquantized params); peak memory over the bf16 LoRA
-step's (XLA's memory_analysis, and on an accelerator the device's own peak counter with ``--only qlora``); step
-times and their ratios.
+step's (XLA's memory_analysis, and on an accelerator the device's own peak counter with ``--only qlora``), and
+the same at the full depth of the model whose width the d2048 shape has (TinyLlama-1.1B: 22 layers), where the
+projections, not the bf16 embedding and LM head, dominate the base; step times and their ratios.
 """
 
 import dataclasses
@@ -37,18 +40,22 @@ from tools.bench._timing import CompiledStep, Stepper, compile_step, paired_rati
 BYTES_PER_PARAM_TARGET = 0.52  # NF4 with double quantization: 4.127 bits
 MEMORY_TARGET = 0.45  # QLoRA / bf16-base LoRA peak memory, d_model=2048, 4 layers
 QUANTIZED = rf".*/({'|'.join(PROJECTIONS)})/kernel"  # the seven projections, as LoRA targets them
+FULL_DEPTH = 22  # TinyLlama-1.1B's decoder layers: the d2048 shape has its width, vocabulary and heads
 _MIB = 2**20
 
 
 @dataclasses.dataclass(frozen=True)
 class QloraSetup:
-  """The bf16 model of a shape with its params, their NF4 form, a traced ``jlora.Lora`` and fresh adapters."""
+  """The bf16 model of a shape with its params, their NF4 form, a traced ``jlora.Lora`` and fresh adapters
+  (float32, the recipe's; ``lora_bf16a`` / ``adapters_bf16a``: the same in bfloat16, as qwix keeps them)."""
 
   model: models.LlamaForCausalLM
   params: Any
   qparams: Any
   lora: jlora.Lora
   adapters: Any
+  lora_bf16a: jlora.Lora
+  adapters_bf16a: Any
   ids: jax.Array
 
 
@@ -63,8 +70,11 @@ def qlora_setup(shape: Shape, *, abstract: bool) -> QloraSetup:
   qparams = jax.eval_shape(lambda p: quant.quantize(p, QUANTIZED), params) if abstract else quant.quantize(
       params, QUANTIZED)
   lora = jlora.Lora(model, lora_config())
-  adapters = jax.eval_shape(lora.init, keys[2], params, ids) if abstract else lora.init(keys[2], params, ids)
-  return QloraSetup(model, params, qparams, lora, adapters, ids)
+  lora_bf16a = jlora.Lora(model, dataclasses.replace(lora_config(), dtype=jnp.bfloat16))
+  adapters, adapters_bf16a = (
+      jax.eval_shape(one.init, keys[2], params, ids) if abstract else one.init(keys[2], params, ids)
+      for one in (lora, lora_bf16a))
+  return QloraSetup(model, params, qparams, lora, adapters, lora_bf16a, adapters_bf16a, ids)
 
 
 def _nbytes(tree: Any) -> int:
@@ -80,23 +90,28 @@ def _argument_bytes_per_param(step: CompiledStep, other_bytes: int, quantized_pa
 class _Compiled:
   lora: CompiledStep
   qlora: CompiledStep
+  qlora_bf16a: CompiledStep | None
   qwix: CompiledStep | None
   qwix_setup: Any
 
 
-def _compile(setup: QloraSetup, tx) -> _Compiled:
+def _compile(setup: QloraSetup, tx, *, peers: bool = True) -> _Compiled:
+  """The bf16 LoRA and QLoRA steps; with ``peers`` (and qwix installed) also qwix's and jlora's bf16-adapter one."""
   opt_state = jax.eval_shape(tx.init, setup.adapters)
   step = lora_train_step(setup.lora, tx)
   lora = compile_step(step, setup.adapters, opt_state, setup.params, setup.ids, donate_argnums=(0, 1))
   qlora = compile_step(lora_train_step(setup.lora, tx), setup.adapters, opt_state, setup.qparams, setup.ids,
                        donate_argnums=(0, 1))
-  qwix = qwix_setup = None
-  if _qwix.available():
+  qlora_bf16a = qwix = qwix_setup = None
+  if peers and _qwix.available():
+    qlora_bf16a = compile_step(lora_train_step(setup.lora_bf16a, tx), setup.adapters_bf16a,
+                               jax.eval_shape(tx.init, setup.adapters_bf16a), setup.qparams, setup.ids,
+                               donate_argnums=(0, 1))
     qwix_setup = _qwix.qwix_setup(setup.model, setup.ids, abstract=True)
     qwix = compile_step(_qwix.qwix_train_step(qwix_setup, tx), qwix_setup.adapters,
                         jax.eval_shape(tx.init, qwix_setup.adapters), qwix_setup.frozen, setup.ids,
                         donate_argnums=(0, 1))
-  return _Compiled(lora, qlora, qwix, qwix_setup)
+  return _Compiled(lora, qlora, qlora_bf16a, qwix, qwix_setup)
 
 
 def _memory_figures(report: Report, shape: Shape, setup: QloraSetup, compiled: _Compiled, tx, *, headline: bool,
@@ -117,16 +132,27 @@ def _memory_figures(report: Report, shape: Shape, setup: QloraSetup, compiled: _
              f"optimizer state, ids and unquantized params ({other:,} bytes), per quantized weight; {shape.describe()}")
   ratio = compiled.qlora.memory.peak_bytes / compiled.lora.memory.peak_bytes
   applies = shape.hidden >= 2048 and shape.layers == 4
+  # What the ratio would be if the quantized projections and every temporary cost nothing: the bf16 params QLoRA
+  # leaves unquantized (embedding, LM head, norms) with the adapters and their optimizer state, over the bf16 step.
+  floor = (footprint.other_bytes + _nbytes(setup.adapters) + opt_bytes) / compiled.lora.memory.peak_bytes
   report.add(f"qlora_lora_memory_ratio{suffix}", ratio, MEMORY_TARGET if applies and headline else None,
              f"{how}: QLoRA {compiled.qlora.memory.describe()}; bf16-base LoRA {compiled.lora.memory.describe()}; "
-             f"{shape.describe()}" + ("" if applies else "; the target is stated for d_model=2048, 4 layers"))
+             f"floor {floor:.3f} (the unquantized params {footprint.other_bytes / _MIB:.1f} MiB, adapters and "
+             f"optimizer state over the bf16 step's peak: the ratio if the projections and all temporaries were "
+             f"free); {shape.describe()}" + ("" if applies else "; the target is stated for d_model=2048, 4 layers"))
+  report.add(f"qlora_lora_argument_ratio{suffix}",
+             compiled.qlora.memory.argument_bytes / compiled.lora.memory.argument_bytes, None,
+             f"the steps' argument bytes alone (frozen base, adapters, optimizer state, ids), which no backend's "
+             f"temporaries change: QLoRA {compiled.qlora.memory.argument_bytes / _MIB:.1f} MiB / bf16-base LoRA "
+             f"{compiled.lora.memory.argument_bytes / _MIB:.1f} MiB; {shape.describe()}")
   report.add(f"qlora_step_peak_mib{suffix}", compiled.qlora.memory.peak_bytes / _MIB, None, f"{how}; {shape.describe()}")
   report.add(f"lora_bf16_step_peak_mib{suffix}", compiled.lora.memory.peak_bytes / _MIB, None,
              f"{how}; {shape.describe()}")
   if compiled.qwix is None:
-    for name in ("qwix_qlora_memory_ratio", "qwix_base_bytes_per_param", "qwix_step_base_bytes_per_param"):
-      report.add(f"{name}{suffix}", None, None, _qwix.QWIX_MISSING)
-    return
+    if not _qwix.available():
+      for name in ("qwix_qlora_memory_ratio", "qwix_base_bytes_per_param", "qwix_step_base_bytes_per_param"):
+        report.add(f"{name}{suffix}", None, None, _qwix.QWIX_MISSING)
+    return  # else: compiled without the peers (the full-depth memory figures)
   qwix_setup = compiled.qwix_setup
   weights, bits = _qwix.stored_bits(qwix_setup.frozen)
   qwix_other = (_nbytes(qwix_setup.adapters) + _nbytes(jax.eval_shape(tx.init, qwix_setup.adapters))
@@ -134,6 +160,10 @@ def _memory_figures(report: Report, shape: Shape, setup: QloraSetup, compiled: _
                                                 if k not in _qwix.quantized_leaves(qwix_setup.frozen)}))
   report.add(f"qwix_qlora_memory_ratio{suffix}", compiled.qwix.memory.peak_bytes / compiled.lora.memory.peak_bytes,
              None, f"{how}: qwix {compiled.qwix.memory.describe()}; bf16-base LoRA {compiled.lora.memory.describe()}")
+  report.add(f"jlora_qwix_qlora_memory_ratio{suffix}",
+             compiled.qlora_bf16a.memory.peak_bytes / compiled.qwix.memory.peak_bytes, None,
+             f"{how}, both with bf16 adapters: jlora {compiled.qlora_bf16a.memory.describe()}; qwix "
+             f"{compiled.qwix.memory.describe()}; {shape.describe()}")
   if headline:
     report.add("qwix_base_bytes_per_param", bits / 8 / weights, None,
                f"qwix's NF4 weights as their dtypes define them: {_qwix.describe_storage(qwix_setup.frozen)}, no "
@@ -153,6 +183,8 @@ def _timed(report: Report, suite: Suite, shape: Shape, compiled: _Compiled, tx, 
       "qlora": Stepper(compiled.qlora.executable, (copy_tree(setup.adapters), tx.init(setup.adapters)),
                        setup.qparams, setup.ids)}
   if compiled.qwix is not None:
+    contenders["qlora_bf16a"] = Stepper(compiled.qlora_bf16a.executable,
+                                        (setup.adapters_bf16a, tx.init(setup.adapters_bf16a)), setup.qparams, setup.ids)
     qwix = _qwix.qwix_setup(setup.model, setup.ids, abstract=False)
     contenders["qwix_qlora"] = Stepper(compiled.qwix.executable, (qwix.adapters, tx.init(qwix.adapters)),
                                        qwix.frozen, setup.ids)
@@ -173,7 +205,10 @@ def _timed(report: Report, suite: Suite, shape: Shape, compiled: _Compiled, tx, 
 
   ratio(f"qlora_lora_step_ratio{suffix}", "qlora", "lora_bf16",
         "what dequantizing each NF4 kernel in its module's call (forward, and again in the backward) costs")
-  ratio(f"jlora_qwix_qlora_step_ratio{suffix}", "qlora", "qwix_qlora", "jlora's QLoRA vs qwix's, same model")
+  ratio(f"jlora_qwix_qlora_step_ratio{suffix}", "qlora_bf16a", "qwix_qlora",
+        "jlora's QLoRA vs qwix's, same model, both with bf16 adapters (qwix's choice)")
+  ratio(f"qlora_adapter_dtype_step_ratio{suffix}", "qlora", "qlora_bf16a",
+        "jlora's QLoRA with float32 adapters (its default, the recipe) over the same with bf16 adapters")
   ratio(f"qwix_lora_step_ratio{suffix}", "qwix_qlora", "lora_bf16", "qwix's QLoRA over the bf16-base LoRA step")
 
 
@@ -224,3 +259,9 @@ def qlora_section(report: Report, suite: Suite, log: Callable[[str], None], *, a
       log(f"qlora {shape.label}: timing")
       _timed(report, suite, shape, compiled, tx, "")
     del compiled
+  if memory_shape.hidden == 2048 and memory_shape.layers < FULL_DEPTH:
+    deep = dataclasses.replace(memory_shape, layers=FULL_DEPTH)
+    log(f"qlora {deep.label}: compiling bf16 LoRA and QLoRA at {FULL_DEPTH} layers (memory only)")
+    setup = qlora_setup(deep, abstract=True)
+    _memory_figures(report, deep, setup, _compile(setup, tx, peers=False), tx, headline=False,
+                    suffix=f"@{deep.label}_l{FULL_DEPTH}")
