@@ -157,7 +157,7 @@ def relora_restart(lora, params: Mapping, update: Mapping, adapters: Mapping, ke
     >>> update, tx = jlora.relora_init(lora, params), optax.adam(1e-2)
     >>> opt_state = tx.init(adapters)
     >>> for cycle in range(3):
-    ...   noise = jax.random.normal(jax.random.key(cycle), (6,))  # ... training moves B ...
+    ...   noise = jax.random.normal(jax.random.key(cycle), (1, 6))  # ... training moves B ...
     ...   adapters = {"kernel": {**adapters["kernel"], "lora_b": adapters["kernel"]["lora_b"] + noise}}
     ...   update, adapters = jlora.relora_restart(lora, params, update, adapters, jax.random.key(10 + cycle))
     ...   opt_state = jlora.relora_prune(lora, adapters, opt_state, keep_fraction=0.01)
