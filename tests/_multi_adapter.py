@@ -22,12 +22,15 @@ INVOCATION = [17, 23]
 # Genuine PEFT files store no base fingerprint; loading them is an explicit choice.
 ALLOW_NO_FINGERPRINT = jlora.LoadPolicy(allow_missing_fingerprint=True)
 TARGETS = r".*/(q_proj|k_proj|v_proj|o_proj|up_proj|down_proj)/kernel"
+# The checkpoint and PEFT files below, shared by the test modules of one process; removed when it exits.
+_FILES = tempfile.TemporaryDirectory(prefix="jlora-multi-adapter-")
 
 
 @functools.cache
 def base():
   hf = tiny_hf_model("llama")
-  model, params = models.from_pretrained(save_hf(hf, tempfile.mkdtemp(prefix="jlora-bank-base-")), scan_layers=True)
+  directory = tempfile.mkdtemp(prefix="base-", dir=_FILES.name)
+  model, params = models.from_pretrained(save_hf(hf, directory), scan_layers=True)
   return hf, model, params
 
 
@@ -54,7 +57,7 @@ def peft_adapters():
       if "lora_" in name:
         param.copy_(0.05 * torch.randn_like(param))
   peft_model.eval()
-  directory = tempfile.mkdtemp(prefix="jlora-bank-peft-")
+  directory = tempfile.mkdtemp(prefix="peft-", dir=_FILES.name)
   peft_model.save_pretrained(directory, selected_adapters=list(configs))
   return peft_model, {name: f"{directory}/{name}" for name in configs}
 
