@@ -3,6 +3,10 @@
 Each builder returns a :class:`Contender`: a zero-argument callable that runs one train step (the
 same next-token cross-entropy and AdamW update as ``_models``), ready for ``time_interleaved``.
 
+The JAX peers beyond flax: qwix's LoRA (``qwix.LoraProvider`` without quantization) on the same linen
+``LlamaForCausalLM``, and lorax (PyPI ``jax-lorax``), which needs an older jax than the benchmark's and so runs
+in its own virtualenv as a subprocess (``_lorax_worker.py``) that the interleaved rounds time call by call.
+
 The nnx comparison builds one :class:`NnxLlama` twice: once with ``nnx.LoRALinear`` projections
 (flax's LoRA), once with plain ``nnx.Linear`` projections adapted by ``jlora.nnx.apply_lora``. Both are
 trained through the same functional step (``nnx.split`` into trainable and frozen state, ``jax.grad``
@@ -11,13 +15,19 @@ the LoRA path is computed; the graph-traversal cost of ``nnx.jit`` is kept out o
 """
 
 import dataclasses
+import importlib.metadata
+import json
+import os
+import subprocess
+import sys
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import jax
 import optax
-from flax import nnx
+from flax import nnx, traverse_util
 
 import jlora.nnx
 from tools.bench._models import (
@@ -35,6 +45,7 @@ from tools.bench._models import (
   optimizer,
 )
 from tools.bench._nnx_llama import NnxLlama, flax_lora_projection, plain_projection
+from tools.bench._qwix import QWIX_MISSING, QwixSetup, available, qwix_train_step
 from tools.bench._timing import CompiledStep, Stepper, compile_step
 
 
@@ -158,3 +169,93 @@ def peft_torch(shape: Shape, threads: int, *, one_adapter: bool = False, use_dor
   return Contender(step, None, f"PEFT {peft.__version__} {'DoRA' if use_dora else 'LoRA'} rank {LORA_RANK} on {which} of transformers "
                                f"{transformers.__version__} LlamaForCausalLM ({shape.describe()}), torch "
                                f"{torch.__version__} with {threads} threads, attention {attention}")
+
+
+def jlora_linen_ungrouped(setup: LinenSetup) -> Contender:
+  """jlora on ``setup``'s model without sibling grouping (``group_siblings=False``): each projection computes its
+  own ``x @ A``, as before ``jlora._siblings``; the same step otherwise."""
+  lora = jlora.Lora(setup.model, lora_config(), group_siblings=False)
+  lora.trace(setup.params, setup.ids)
+  tx = optimizer()
+  compiled = compile_step(lora_train_step(lora, tx), setup.adapters, tx.init(setup.adapters), setup.params, setup.ids,
+                          donate_argnums=(0, 1))
+  run = Stepper(compiled.executable, (copy_tree(setup.adapters), tx.init(setup.adapters)), setup.params, setup.ids)
+  return Contender(run, compiled, "jlora.Lora(group_siblings=False) on the same model")
+
+
+def qwix_lora(setup: LinenSetup) -> Contender | str:
+  """qwix's plain LoRA (``qwix.LoraRule`` without a weight qtype) on ``setup``'s linen model: the same seven
+  projections, rank and alpha; ``A``/``B`` (``kernel_lora_a``/``_b``) trained, every other leaf frozen.
+
+  Returns:
+    The contender, or why qwix could not be used.
+  """
+  if not available():
+    return QWIX_MISSING
+  import qwix
+
+  rule = qwix.LoraRule(module_path=rf".*/({'|'.join(PROJECTIONS)})", rank=LORA_RANK, alpha=LORA_ALPHA)
+  model = qwix.apply_lora_to_model(setup.model, qwix.LoraProvider([rule]))
+  flat = traverse_util.flatten_dict(jax.jit(lambda key: model.init(key, setup.ids)["params"])(jax.random.key(1)),
+                                    sep="/")
+  adapters = {k: v for k, v in flat.items() if k.endswith(("_lora_a", "_lora_b"))}
+  if len(adapters) != 2 * len(PROJECTIONS) * setup.model.config.num_hidden_layers:
+    return f"qwix made {len(adapters)} adapter leaves, not one pair per projection: its rule did not match"
+  qwix_setup = QwixSetup(model, adapters, {k: v for k, v in flat.items() if k not in adapters})
+  tx = optimizer()
+  compiled = compile_step(qwix_train_step(qwix_setup, tx), adapters, tx.init(adapters), qwix_setup.frozen,
+                          setup.ids, donate_argnums=(0, 1))
+  run = Stepper(compiled.executable, (copy_tree(adapters), tx.init(adapters)), qwix_setup.frozen, setup.ids)
+  return Contender(run, compiled, f"qwix {importlib.metadata.version('qwix')} LoRA (LoraProvider, no quantization) "
+                                  f"rank {LORA_RANK} alpha {LORA_ALPHA:g} on the same unrolled LlamaForCausalLM")
+
+
+LORAX_PYTHON = Path(__file__).resolve().parents[2] / ".venv-lorax" / "bin" / "python"
+LORAX_SETUP = ("python -m venv .venv-lorax && .venv-lorax/bin/pip install jax-lorax==0.3.1 jax==0.4.35 "
+               "jaxlib==0.4.35 plum-dispatch==2.3.2")
+
+
+class _LoraxWorker:
+  """The lorax step in its own process (``_lorax_worker.py``): each call runs one step there and waits for it."""
+
+  def __init__(self, shape: Shape):
+    spec = {**dataclasses.asdict(shape), "rank": LORA_RANK, "alpha": LORA_ALPHA}
+    self._process = subprocess.Popen([str(LORAX_PYTHON), str(Path(__file__).with_name("_lorax_worker.py")),
+                                      json.dumps(spec)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=sys.stderr, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    self.ready = self._process.stdout.readline().strip()
+    if not self.ready.startswith("ready"):
+      self._process.kill()
+      raise RuntimeError(f"the lorax worker did not start (said {self.ready!r}); see its stderr above")
+
+  def __call__(self) -> None:
+    self._process.stdin.write("step\n")
+    self._process.stdin.flush()
+    if self._process.stdout.readline().strip() != "done":
+      raise RuntimeError("the lorax worker failed a step; see its stderr above")
+
+  def close(self) -> None:
+    if self._process.poll() is None:
+      self._process.stdin.write("quit\n")
+      self._process.stdin.close()
+      self._process.wait(timeout=60)
+
+
+def lorax_subprocess(shape: Shape) -> tuple[Contender, _LoraxWorker] | str:
+  """lorax 0.3.1 (``jax-lorax``) on a plain-JAX Llama of ``shape`` (``_lorax_worker.py``), in ``.venv-lorax``.
+
+  Returns:
+    ``(contender, worker)`` (close the worker when done), or why lorax could not be run.
+  """
+  if not LORAX_PYTHON.exists():
+    return f"no lorax virtualenv at {LORAX_PYTHON} (make one: {LORAX_SETUP})"
+  try:
+    worker = _LoraxWorker(shape)
+  except RuntimeError as error:
+    return str(error)
+  _, compile_s, _, version = worker.ready.split()
+  return (Contender(worker, None, f"lorax 0.3.1 (LoraWeight on the seven projections, rank {LORA_RANK}, alpha "
+                                  f"{LORA_ALPHA:g}) on a plain-JAX Llama of the same shape, layers unrolled, jax "
+                                  f"{version} in .venv-lorax: a subprocess, each call one step there (compiled in "
+                                  f"{float(compile_s):.1f} s); its CPU time is the parent's only, not comparable"),
+          worker)

@@ -29,7 +29,15 @@ from tools.bench._models import (
   lora_train_step,
   optimizer,
 )
-from tools.bench._peers import flax_nnx_lora, jlora_linen_one_adapter, jlora_nnx, peft_torch
+from tools.bench._peers import (
+  flax_nnx_lora,
+  jlora_linen_one_adapter,
+  jlora_linen_ungrouped,
+  jlora_nnx,
+  lorax_subprocess,
+  peft_torch,
+  qwix_lora,
+)
 from tools.bench._profile import op_times, write_profile
 from tools.bench._qlora import qlora_section
 from tools.bench._report import Report
@@ -42,6 +50,9 @@ STEP_FLOP_GAP_TARGET = 0.03  # |step-time ratio - FLOP ratio|, same decoder
 MEMORY_TARGET = 0.35  # LoRA/full peak memory where parameters dominate
 MERGED_TARGET = 1.02  # merged forward / base forward
 PEER_TARGET = 1.0  # jlora / peer
+PEFT_TARGET = 0.95  # jlora's default LoRA step / PEFT's on torch, same machine
+JAX_PEER_TARGET = 0.90  # the fastest jlora form / the fastest JAX peer (flax nnx.LoRALinear, qwix, lorax)
+JAX_PEERS = ("flax_nnx_lora", "qwix_lora", "lorax")
 DORA_TARGET = 1.15  # DoRA/LoRA step time, for the d_model=2048, T=512 decoder
 _MIB = 2**20
 
@@ -234,11 +245,12 @@ def _device_peak_ratio(shape: Shape) -> tuple[float | None, float | None, str]:
 
 
 def _peers(report: Report, suite: Suite, bench: Workbench) -> None:
-  """jlora vs flax nnx.LoRALinear vs PEFT on one shape, all timed in the same interleaved rounds."""
+  """jlora vs flax nnx.LoRALinear, qwix, lorax and PEFT on one shape, all timed in the same interleaved rounds."""
   shape, tx = suite.peer_shape, bench.tx
   _log(f"peers {shape.label}: {shape.describe()}")
   contenders: dict[str, Callable] = {}
   details: dict[str, str] = {}
+  reasons: dict[str, str] = {}
   for scan in (True, False):
     setup = bench.concrete(shape, scan=scan)
     compiled = bench.train_step(shape, scan=scan, arm="lora")
@@ -247,45 +259,77 @@ def _peers(report: Report, suite: Suite, bench: Workbench) -> None:
                                setup.params, setup.ids)
     details[name] = (f"jlora.Lora on jlora.models.LlamaForCausalLM, layers {'nn.scan' if scan else 'unrolled'} "
                      f"({shape.describe()})")
+  ungrouped = jlora_linen_ungrouped(bench.concrete(shape, scan=True))
+  contenders["jlora_linen_scan_ungrouped"] = ungrouped.run
+  details["jlora_linen_scan_ungrouped"] = f"{ungrouped.detail}, nn.scan"
   ids = shape.token_batch(jax.random.key(0))
   for name, build in (("jlora_nnx", jlora_nnx), ("flax_nnx_lora", flax_nnx_lora)):
     contender = build(shape, ids)
     contenders[name], details[name] = contender.run, contender.detail
   one = jlora_linen_one_adapter(bench.concrete(shape, scan=False))
   contenders["jlora_linen_one_adapter"], details["jlora_linen_one_adapter"] = one.run, one.detail
-  peft_reason = ""
+  qwix = qwix_lora(bench.concrete(shape, scan=False))
+  if isinstance(qwix, str):
+    reasons["qwix_lora"] = qwix
+  else:
+    contenders["qwix_lora"], details["qwix_lora"] = qwix.run, qwix.detail
+  lorax = lorax_subprocess(shape)
+  worker = None
+  if isinstance(lorax, str):
+    reasons["lorax"] = lorax
+  else:
+    (contender, worker) = lorax
+    contenders["lorax"], details["lorax"] = contender.run, contender.detail
   for name, one_adapter in (("peft_torch", False), ("peft_torch_one_adapter", True)):
     peft = peft_torch(shape, _machine.usable_cores(), one_adapter=one_adapter)
     if isinstance(peft, str):
-      peft_reason = peft
+      reasons["peft_torch"] = peft
+      contenders.pop("peft_torch", None)
       break
     contenders[name], details[name] = peft.run, peft.detail
   _log(f"peers {shape.label}: timing {', '.join(contenders)}")
-  times = time_interleaved(contenders, warmup=suite.warmup, reps=suite.reps, budget_s=suite.budget_s)
+  try:
+    times = time_interleaved(contenders, warmup=suite.warmup, reps=suite.reps, budget_s=suite.budget_s)
+  finally:
+    if worker is not None:
+      worker.close()
   for name, timing in times.items():
     report.add(f"{name}_step_ms", timing.median_s * 1e3, None, f"{details[name]}; {_timed(timing)}")
+  for name, reason in reasons.items():
+    report.add(f"{name}_step_ms", None, None, reason)
 
-  def ratio(name: str, ours: str, theirs: str, why: str) -> None:
+  def ratio(name: str, ours: str, theirs: str, target: float | None, why: str) -> None:
     cpu_ratio = paired_ratio(times[ours], times[theirs], cpu=True)
-    report.add(name, paired_ratio(times[ours], times[theirs]), PEER_TARGET,
+    report.add(name, paired_ratio(times[ours], times[theirs]), target,
                f"{ours} {times[ours].median_s * 1e3:.1f} ms / {theirs} {times[theirs].median_s * 1e3:.1f} ms, "
                f"median of same-round ratios ({_spread(times[ours], times[theirs])}; CPU-time ratio {cpu_ratio:.3f}); "
                f"{why}")
 
-  ratio("jlora_nnx_step_ratio", "jlora_nnx", "flax_nnx_lora",
+  ratio("jlora_nnx_step_ratio", "jlora_nnx", "flax_nnx_lora", PEER_TARGET,
         "the same NnxLlama module code and functional train step, differing only in the projections' LoRA "
         "(jlora.nnx.apply_lora on nnx.Linear vs flax nnx.LoRALinear)")
-  ratio("jlora_linen_nnx_step_ratio", "jlora_linen_unrolled", "flax_nnx_lora",
+  ratio("jlora_linen_nnx_step_ratio", "jlora_linen_unrolled", "flax_nnx_lora", None,
         "jlora on the linen LlamaForCausalLM vs flax nnx.LoRALinear on NnxLlama: same maths, both unrolled")
-  if peft_reason:
-    report.add("jlora_peft_step_ratio", None, PEER_TARGET, peft_reason)
-    report.add("jlora_best_peer_step_ratio", None, PEER_TARGET, peft_reason)
-    return
-  ratio("jlora_peft_step_ratio", "jlora_linen_scan", "peft_torch",
-        "jlora's default (nn.scan LlamaForCausalLM) vs PEFT on transformers' LlamaForCausalLM, same shapes and recipe")
+  ratio("jlora_grouped_ungrouped_step_ratio", "jlora_linen_scan", "jlora_linen_scan_ungrouped", None,
+        "sibling grouping (q/k/v and gate/up share one x @ [A_1|...|A_n]) vs each projection's own x @ A, nn.scan")
+  if "qwix_lora" in times:
+    ratio("jlora_qwix_step_ratio", "jlora_linen_unrolled", "qwix_lora", PEER_TARGET,
+          "jlora vs qwix's LoRA on the same unrolled linen LlamaForCausalLM")
+  if "lorax" in times:
+    ratio("jlora_lorax_step_ratio", "jlora_linen_unrolled", "lorax", PEER_TARGET,
+          "jlora (unrolled linen) vs lorax on a plain-JAX Llama of the same shape in a subprocess (jax 0.4.35)")
   ours = min(("jlora_linen_scan", "jlora_linen_unrolled", "jlora_nnx"), key=lambda n: times[n].median_s)
-  theirs = min(("flax_nnx_lora", "peft_torch"), key=lambda n: times[n].median_s)
-  ratio("jlora_best_peer_step_ratio", ours, theirs, "the fastest jlora form vs the fastest peer")
+  jax_peer = min((n for n in JAX_PEERS if n in times), key=lambda n: times[n].median_s)
+  ratio("jlora_best_jax_peer_step_ratio", ours, jax_peer, JAX_PEER_TARGET,
+        f"the fastest jlora form vs the fastest JAX peer (of {', '.join(n for n in JAX_PEERS if n in times)})")
+  if "peft_torch" not in times:
+    report.add("jlora_peft_step_ratio", None, PEFT_TARGET, reasons["peft_torch"])
+    report.add("jlora_best_peer_step_ratio", None, PEER_TARGET, reasons["peft_torch"])
+    return
+  ratio("jlora_peft_step_ratio", "jlora_linen_scan", "peft_torch", PEFT_TARGET,
+        "jlora's default (nn.scan LlamaForCausalLM) vs PEFT on transformers' LlamaForCausalLM, same shapes and recipe")
+  theirs = min((*(n for n in JAX_PEERS if n in times), "peft_torch"), key=lambda n: times[n].median_s)
+  ratio("jlora_best_peer_step_ratio", ours, theirs, PEER_TARGET, "the fastest jlora form vs the fastest peer")
   _peft_decomposition(report, times)
 
 
