@@ -6,13 +6,13 @@
 * **SGMV** (rows grouped by adapter, segmented gather matrix-vector): the batch's tokens are sorted by slot and
   ``jax.lax.ragged_dot`` does one matmul per group against the stacked factors, then the rows are put back.
 
-Measured on this repository's 2-core CPU (jax 0.10 CPU, ``python -m tools.bench --only bank --suite quick``,
-the figures are in README), BGMV is faster in both phases: in decode (one token per row, 16 rows, 16
-slots, d=576, rank 8) BGMV took about 0.12 ms against SGMV's 0.35 ms per projection, in prefill (64 tokens
-per row) 0.6 ms against 70-100 ms, because XLA's CPU ``ragged_dot`` lowers to a loop over groups that does
-not vectorise, and a per-slot masked matmul loop (another SGMV form) costs a full matmul per slot. So
-``choose`` picks BGMV for decode and prefill alike on CPU; SGMV stays available (``AdapterBank(kernel=
-"sgmv")``) for backends whose grouped matmul is native.
+On this repository's 2-core CPU (jax 0.10), BGMV is the faster of the two in both phases: in a micro-benchmark
+of one projection (16 rows, 16 slots, d=576, rank 8) BGMV took about 0.12 ms against SGMV's 0.35 ms in decode and
+0.6 ms against 70-100 ms in prefill (64 tokens per row), because XLA's CPU ``ragged_dot`` lowers to a loop over
+groups that does not vectorise, and a per-slot masked matmul loop (another SGMV form) costs a full matmul per slot.
+On whole model steps (``python -m tools.bench --suite full --only bank``, ``docs/benchmarks.md``) SGMV/BGMV was
+1.76 in prefill and 1.18 in decode. So ``choose`` picks BGMV for decode and prefill alike on CPU; SGMV stays
+available (``AdapterBank(kernel="sgmv")``) for backends whose grouped matmul is native.
 
 Conventions: ``a_rows``/``b_rows`` carry a leading row axis before the module's factor layout
 (``a: batch + in + (r,)``, ``b: batch + (r,) + out``); stacked slot factors carry a leading slot axis.
