@@ -1,8 +1,8 @@
 """QLoRA: what a 4-bit frozen base saves and costs, against the bf16-base LoRA step and against qwix's QLoRA.
 
 The model is the benchmark's ``LlamaForCausalLM`` in bfloat16 (params and compute), LoRA the benchmark's recipe
-(rank 16 on the seven projections, AdamW). Three train steps, each compiled from abstract arguments and timed in
-the same interleaved rounds:
+(rank 16 on the seven projections, AdamW). Four train steps (two without qwix), each compiled from abstract
+arguments and timed in the same interleaved rounds:
 
 * ``lora_bf16``: LoRA over the bf16 base;
 * ``qlora``: the same ``jlora.Lora`` over ``jlora.quant.quantize(params, projections)``: NF4 in blocks of 64 with

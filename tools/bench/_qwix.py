@@ -3,7 +3,8 @@ tile_size=64)`` on the same ``LlamaForCausalLM``, the same seven projections, ra
 
 qwix rewrites the model's ``dot_general`` calls: at ``init`` a rule's weights become ``WithAux(QArray)`` leaves
 (4-bit NF4 codes in ``uint4`` plus a float scale per 64 inputs, no double quantization) next to the adapters
-``kernel_lora_a`` / ``kernel_lora_b``. Its train step here is the benchmark's recipe (next-token cross-entropy,
+``kernel_lora_a`` / ``kernel_lora_b``, which take the dtype of that scale (bf16 for a bf16 model, where jlora's
+adapters default to float32: ``tools.bench._qlora`` times jlora with bf16 adapters against it). Its train step here is the benchmark's recipe (next-token cross-entropy,
 AdamW on the adapters only) over ``(adapters, optimizer state, frozen params, ids)``, as jlora's is.
 """
 
