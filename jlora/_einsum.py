@@ -67,11 +67,11 @@ def layout_from_equation(equation: Equation, shape: tuple[int, ...], where: str)
   return KernelLayout(tuple(shape), tuple(roles["batch"]), tuple(roles["in"]), tuple(roles["out"]))
 
 
-def low_rank_subscripts(equation: Equation, layout: KernelLayout) -> tuple[str, str]:
-  """The two einsums of the low-rank path: ``x, A -> h`` and ``h, B -> out``.
+def low_rank_einsum(equation: Equation, layout: KernelLayout, x: jax.Array, a: jax.Array, b: jax.Array,
+                    precision=None) -> jax.Array:
+  """``(x @ A) @ B`` in the equation's own conventions: ``A: batch + in + (r,)``, ``B: batch + (r,) + out``.
 
-  ``A: batch + in + (r,)``, ``B: batch + (r,) + out``; the rank-space activation ``h`` keeps the output's
-  non-kernel axes and ends in the rank axis.
+  The rank-space activation keeps the output's non-kernel axes, so the result has ``out``'s layout.
   """
   lhs, rhs, out = equation
   rank = next(c for c in string.ascii_letters if c not in lhs + rhs + out)
@@ -79,14 +79,5 @@ def low_rank_subscripts(equation: Equation, layout: KernelLayout) -> tuple[str, 
   kin = "".join(rhs[i] for i in layout.in_axes)
   kout = "".join(rhs[i] for i in layout.out_axes)
   h = "".join(c for c in out if c not in kout) + rank
-  return f"{lhs},{kb}{kin}{rank}->{h}", f"{h},{kb}{rank}{kout}->{out}"
-
-
-def low_rank_einsum(equation: Equation, layout: KernelLayout, x: jax.Array, a: jax.Array, b: jax.Array,
-                    precision=None) -> jax.Array:
-  """``(x @ A) @ B`` in the equation's own conventions: ``A: batch + in + (r,)``, ``B: batch + (r,) + out``.
-
-  The rank-space activation keeps the output's non-kernel axes, so the result has ``out``'s layout.
-  """
-  down, up = low_rank_subscripts(equation, layout)
-  return jnp.einsum(up, jnp.einsum(down, x, a, precision=precision), b, precision=precision)
+  h_val = jnp.einsum(f"{lhs},{kb}{kin}{rank}->{h}", x, a, precision=precision)
+  return jnp.einsum(f"{h},{kb}{rank}{kout}->{out}", h_val, b, precision=precision)

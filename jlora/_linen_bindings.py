@@ -36,8 +36,6 @@ class Binding:
     layout: ``(module, method, args, kwargs, kernel_shape) -> KernelLayout``.
     low_rank: ``(module, method, args, kwargs, layout, a, b, dropout, dtype) -> y``: the adapter path
       for factors ``a``/``b`` (already sliced to the module's view), in compute dtype ``dtype``.
-    equation: ``(module, method, args, kwargs, kernel_shape) -> (lhs, rhs, out)`` for a module that is one
-      einsum of its input and kernel (its low-rank path is ``low_rank_einsum``), else None.
   """
 
   kind: str
@@ -45,7 +43,6 @@ class Binding:
   methods: tuple[str, ...]
   layout: Callable[..., KernelLayout]
   low_rank: Callable[..., jax.Array]
-  equation: Callable[..., Equation] | None = None
 
 
 def _input(args: tuple, kwargs: dict, name: str) -> Any:
@@ -123,8 +120,7 @@ def _embed_low_rank(module, method, args, kwargs, layout, a, b, dropout, dtype):
   return embedding_low_rank(attend, _input(args, kwargs, "query" if attend else "inputs"), a, b, dropout, dtype)
 
 
-_EINSUM_FAMILY = dict(param="kernel", methods=("__call__",), layout=_einsum_layout, low_rank=_einsum_low_rank,
-                      equation=_equation)
+_EINSUM_FAMILY = dict(param="kernel", methods=("__call__",), layout=_einsum_layout, low_rank=_einsum_low_rank)
 _BINDINGS: tuple[tuple[type, Binding], ...] = (
     (nn.Dense, Binding(kind="dense", **_EINSUM_FAMILY)),
     (nn.DenseGeneral, Binding(kind="dense_general", **_EINSUM_FAMILY)),

@@ -8,24 +8,21 @@ from typing import Any
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
 from jlora import _paths
 from jlora._alora import run_activated
 from jlora._config import LoraConfig
 from jlora._dropout import inverted_dropout
-from jlora._einsum import low_rank_subscripts
 from jlora._errors import JloraError
 from jlora._linen_bindings import binding_for
 from jlora._linen_call import linen_call
-from jlora._siblings import SiblingCache, record_siblings
 from jlora._summary import Summary, summarize
 from jlora._targets import Target, find_targets
 from jlora._variant import STATE_KEY, Variant, leaf_shapes, split_state
 from jlora.quant._call import module_call
 from jlora.quant._quantized import is_quantized
 from jlora.quant._tree import logical_shapes
-from jlora.variants import LORA, to_plain_lora, variant_for
+from jlora.variants import to_plain_lora, variant_for
 
 # An adapter rides beside the parameter it adapts, inside the params collection, under this prefix.
 # That way nn.scan / nn.vmap / nn.remat slice and broadcast it exactly like the kernel itself, and
@@ -47,10 +44,6 @@ class Lora:
   selects the variant (``jlora.variants.variant_for``): ``use_dora=True`` is DoRA, ``init="pissa"``
   (``"pissa_niter_K"``, ``"olora"``) starts from the kernel and rewrites the base (``init_with_base``).
 
-  Projections that read the same input (q/k/v, gate/up) compute ``x @ [A_q | A_k | A_v]`` as one matmul
-  (``jlora._siblings``; plain LoRA without active dropout), once ``init``/``trace`` has seen which modules
-  share an input; ``group_siblings=False`` computes each module's ``x @ A`` on its own.
-
   Example:
     >>> import jax, jax.numpy as jnp, flax.linen as nn, jlora
     >>> model = nn.Sequential([nn.Dense(16, name="up"), nn.relu, nn.Dense(4, name="down")])
@@ -64,8 +57,7 @@ class Lora:
     True
   """
 
-  def __init__(self, model: nn.Module, config: LoraConfig, *, variant: Variant | None = None,
-               group_siblings: bool = True):
+  def __init__(self, model: nn.Module, config: LoraConfig, *, variant: Variant | None = None):
     if not isinstance(model, nn.Module):
       raise JloraError(f"jlora.Lora wraps a flax.linen Module, got {type(model).__name__}; "
                        "for flax.nnx models use jlora.nnx.")
@@ -73,9 +65,6 @@ class Lora:
     self.config = config
     self.variant = check_variant(config, variant)
     self._targets: dict[str, Target] | None = None
-    # Module path -> its siblings reading the same input (jlora._siblings), recorded by trace().
-    self._groups: dict[tuple[str, ...], tuple[str, ...]] = {}
-    self.group_siblings = group_siblings
     self._apply_fns: dict[tuple, Callable] = {}
 
   # --- discovering targets ------------------------------------------------------------------------
@@ -90,10 +79,7 @@ class Lora:
     Returns:
       ``{kernel path: Target}`` in params order.
     """
-    recorder, groups = record_siblings()
-    with nn.intercept_methods(recorder):
-      self._targets = find_targets(self.model, self.config, logical_shapes(params), args, kwargs)
-    self._groups = groups(self._targets)
+    self._targets = find_targets(self.model, self.config, logical_shapes(params), args, kwargs)
     return self._targets
 
   @property
@@ -257,12 +243,10 @@ class Lora:
     if self.variant.init_state is not None and variant_state is None:
       raise JloraError(f"The {self.variant.name} adapters need their shared frozen state, params['{STATE_KEY}']"
                        f"['{self.variant.name}'] (lora.init_with_base returns params with it).")
-    # Sibling groups share one down-projection per input (jlora._siblings): plain LoRA only.
-    siblings = SiblingCache(self._groups) if self.group_siblings and self.variant is LORA and self._groups else None
-    with nn.intercept_methods(functools.partial(self._interceptor, lora_dropout, variant_state, siblings)):
+    with nn.intercept_methods(functools.partial(self._interceptor, lora_dropout, variant_state)):
       yield
 
-  def _interceptor(self, lora_dropout, state, siblings, next_fun, args, kwargs, context):
+  def _interceptor(self, lora_dropout, state, next_fun, args, kwargs, context):
     module = context.module
     binding = binding_for(module)
     # A quantized kernel is dequantized inside this call (jlora.quant); otherwise this is next_fun.
@@ -281,9 +265,6 @@ class Lora:
     self._check_adapter(target, adapter, "inside the model")
     dropout, training = self._dropout(module, lora_dropout, path)
     call = linen_call(module, context.method_name, binding, base, args, kwargs, target, dropout, training, state)
-    if siblings is not None and not call.training and binding.equation is not None:
-      call = call._replace(low_rank=_grouped(siblings, module, context.method_name, binding, args, kwargs, layout,
-                                             adapter["lora_a"], slot, call))
     return self.variant.apply(adapter, call)
 
   def _dropout(self, module: nn.Module, mode: bool | None, path: str) -> tuple[Callable[[jax.Array], jax.Array], bool]:
@@ -361,23 +342,6 @@ class Lora:
         raise JloraError(f"Adapter '{target.path}/{name}' {where} has shape {got}, but rank {target.rank} on this "
                          f"{target.module_type} kernel {target.stack_shape + target.layout.shape} needs "
                          f"{shape}: the adapter does not fit this model/LoraConfig (check rank/rank_pattern).")
-
-
-def _grouped(siblings: SiblingCache, module: nn.Module, method: str, binding, args: tuple, kwargs: dict, layout,
-             own_a: jax.Array, slot: str, call) -> Callable:
-  """``call.low_rank`` that takes ``x @ A`` from the sibling group's one matmul where the group covers it."""
-  ungrouped = call.low_rank
-
-  def low_rank(a, b):
-    if a is own_a:
-      dtype = call.base().dtype
-      h = siblings.down(module, method, args, kwargs, layout, a, slot, dtype, module.precision)
-      if h is not None:
-        _, up = low_rank_subscripts(binding.equation(module, method, args, kwargs, layout.shape), layout)
-        return jnp.einsum(up, h, b.astype(dtype), precision=module.precision)
-    return ungrouped(a, b)
-
-  return low_rank
 
 
 def check_variant(config: LoraConfig, variant: Variant | None) -> Variant:

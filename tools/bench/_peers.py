@@ -171,18 +171,6 @@ def peft_torch(shape: Shape, threads: int, *, one_adapter: bool = False, use_dor
                                f"{torch.__version__} with {threads} threads, attention {attention}")
 
 
-def jlora_linen_ungrouped(setup: LinenSetup) -> Contender:
-  """jlora on ``setup``'s model without sibling grouping (``group_siblings=False``): each projection computes its
-  own ``x @ A``, as before ``jlora._siblings``; the same step otherwise."""
-  lora = jlora.Lora(setup.model, lora_config(), group_siblings=False)
-  lora.trace(setup.params, setup.ids)
-  tx = optimizer()
-  compiled = compile_step(lora_train_step(lora, tx), setup.adapters, tx.init(setup.adapters), setup.params, setup.ids,
-                          donate_argnums=(0, 1))
-  run = Stepper(compiled.executable, (copy_tree(setup.adapters), tx.init(setup.adapters)), setup.params, setup.ids)
-  return Contender(run, compiled, "jlora.Lora(group_siblings=False) on the same model")
-
-
 def qwix_lora(setup: LinenSetup) -> Contender | str:
   """qwix's plain LoRA (``qwix.LoraRule`` without a weight qtype) on ``setup``'s linen model: the same seven
   projections, rank and alpha; ``A``/``B`` (``kernel_lora_a``/``_b``) trained, every other leaf frozen.

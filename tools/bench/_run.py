@@ -32,7 +32,6 @@ from tools.bench._models import (
 from tools.bench._peers import (
   flax_nnx_lora,
   jlora_linen_one_adapter,
-  jlora_linen_ungrouped,
   jlora_nnx,
   lorax_subprocess,
   peft_torch,
@@ -259,9 +258,6 @@ def _peers(report: Report, suite: Suite, bench: Workbench) -> None:
                                setup.params, setup.ids)
     details[name] = (f"jlora.Lora on jlora.models.LlamaForCausalLM, layers {'nn.scan' if scan else 'unrolled'} "
                      f"({shape.describe()})")
-  ungrouped = jlora_linen_ungrouped(bench.concrete(shape, scan=True))
-  contenders["jlora_linen_scan_ungrouped"] = ungrouped.run
-  details["jlora_linen_scan_ungrouped"] = f"{ungrouped.detail}, nn.scan"
   ids = shape.token_batch(jax.random.key(0))
   for name, build in (("jlora_nnx", jlora_nnx), ("flax_nnx_lora", flax_nnx_lora)):
     contender = build(shape, ids)
@@ -310,8 +306,6 @@ def _peers(report: Report, suite: Suite, bench: Workbench) -> None:
         "(jlora.nnx.apply_lora on nnx.Linear vs flax nnx.LoRALinear)")
   ratio("jlora_linen_nnx_step_ratio", "jlora_linen_unrolled", "flax_nnx_lora", None,
         "jlora on the linen LlamaForCausalLM vs flax nnx.LoRALinear on NnxLlama: same maths, both unrolled")
-  ratio("jlora_grouped_ungrouped_step_ratio", "jlora_linen_scan", "jlora_linen_scan_ungrouped", None,
-        "sibling grouping (q/k/v and gate/up share one x @ [A_1|...|A_n]) vs each projection's own x @ A, nn.scan")
   if "qwix_lora" in times:
     ratio("jlora_qwix_step_ratio", "jlora_linen_unrolled", "qwix_lora", PEER_TARGET,
           "jlora vs qwix's LoRA on the same unrolled linen LlamaForCausalLM")
