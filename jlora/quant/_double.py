@@ -21,8 +21,20 @@ GROUP_SIZE = 256
 
 
 def offset(absmax: jax.Array) -> jax.Array:
-  """The mean statistic of a matrix, subtracted before quantizing (float32)."""
-  return jnp.mean(absmax)
+  """The mean statistic of a matrix, subtracted before quantizing (float32).
+
+  Summed pairwise in a fixed order (halving the zero-padded vector until one value is left), so that it does not
+  depend on how ``absmax`` is sharded: ``jnp.mean``'s reduction is partitioned with its input and rounds
+  differently per mesh, which changed the stored offset in its last bit, and with it the fingerprint of the
+  quantized base, between a one-device and a multi-process run.
+  """
+  flat = absmax.reshape(-1)
+  n = flat.shape[0]
+  total = jnp.pad(flat, (0, (1 << max(n - 1, 0).bit_length()) - n))
+  while total.shape[0] > 1:
+    half = total.shape[0] // 2
+    total = total[:half] + total[half:]
+  return total[0] / jnp.float32(n)
 
 
 def encode(absmax: jax.Array, offset: jax.Array) -> tuple[jax.Array, jax.Array]:
