@@ -12,6 +12,11 @@ import os
 
 import jax
 import ml_collections
+from orbax.checkpoint import multihost as ocp_multihost
+
+# How long a barrier waits for the slowest process: process 0 may prepare a dataset, load and quantize a model or
+# write an export while the others wait.
+BARRIER_TIMEOUT_SECONDS = 3600
 
 
 def initialize(config: ml_collections.ConfigDict | None) -> bool:
@@ -35,3 +40,16 @@ def initialize(config: ml_collections.ConfigDict | None) -> bool:
     jax.distributed.initialize(coordinator, num_processes=num_processes, process_id=process_id,
                                heartbeat_timeout_seconds=timeout, initialization_timeout=timeout)
   return True
+
+
+def barrier(name: str, timeout_seconds: int = BARRIER_TIMEOUT_SECONDS) -> None:
+  """Waits until every process reaches ``name`` (each name once per run); a no-op in a single process.
+
+  A barrier of the coordination service, not a collective: ``multihost_utils.sync_global_devices`` runs an
+  all-reduce, whose gloo connection on CPU times out when one process arrives much later than the others
+  (seen as "Gloo context initialization failed: Connect timeout" while process 0 prepared data and quantized the
+  base). Here the waiting is bounded by ``timeout_seconds`` only, and a dead process still ends it through the
+  heartbeats.
+  """
+  if jax.process_count() > 1:
+    ocp_multihost.sync_global_processes(name, timeout=timeout_seconds, processes=set(range(jax.process_count())))

@@ -30,7 +30,7 @@ from jax.sharding import PartitionSpec as P
 
 import jlora
 from jlora import sharding
-from train import memory, tasks, variants
+from train import distributed, memory, tasks, variants
 from train.checkpoint import Checkpointer
 from train.metrics import MetricWriter, plot_curves, read_metrics
 from train.optimizer import learning_rate_schedule, make_optimizer
@@ -158,6 +158,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if relora.active:
       print(relora.describe(original, total_steps))
   train_iter = task.train_batches()
+  # Process 0 did more (the summary); orbax's first barrier below is a gloo collective on CPU, which fails when the
+  # processes arrive more than 30 s apart: they leave this barrier together.
+  distributed.barrier("jlora_state_initialized")
   checkpointer = Checkpointer(workdir, every=config.checkpoint.every, keep=config.checkpoint.keep,
                               use_async=config.checkpoint.use_async)
   target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), abstract_state,
@@ -360,7 +363,7 @@ def _export(directory: str, *, params, state: dict, step: int, task, original, b
   partial = directory + ".partial"
   if jax.process_index() == 0 and os.path.exists(partial):
     shutil.rmtree(partial)
-  multihost_utils.sync_global_devices("jlora_export_start")
+  distributed.barrier("jlora_export_start")
   trainable = state["trainable"]
   others = {k: v for k, v in trainable.items() if k != "lora"}
   if others:  # first, so that save_adapters' SHA256SUMS manifest covers them
@@ -380,12 +383,12 @@ def _export(directory: str, *, params, state: dict, step: int, task, original, b
     else:
       task.export_extra(os.path.abspath(partial), adapter_base, adapters, lora_config)
   jlora.save_adapters(partial, adapters, lora_config, base_fingerprint=jlora.fingerprint(adapter_base), extra=extra)
-  multihost_utils.sync_global_devices("jlora_export_written")
+  distributed.barrier("jlora_export_written")
   if jax.process_index() == 0:
     if os.path.exists(directory):
       shutil.rmtree(directory)
     os.replace(partial, directory)
-  multihost_utils.sync_global_devices("jlora_export_done")
+  distributed.barrier("jlora_export_done")
   return directory
 
 

@@ -133,3 +133,19 @@ def registered_sources(config: ml_collections.ConfigDict) -> dict | None:
   data_dir = tfds_config.data_dir or None
   return {"train": data.data_source(tfds_config.name, tfds_config.train_split, data_dir=data_dir),
           "validation": data.data_source(tfds_config.name, tfds_config.eval_split, data_dir=data_dir)}
+
+
+def write_splits(directory: str, lines: dict[str, list[str]]) -> dict[str, str]:
+  """Writes ``{split}.jsonl`` files into ``directory`` (created if needed); returns ``{split: path}``.
+
+  Each file is written next to its path and renamed into place, so a reader (another process of a multi-host job
+  writing the same files, or TFDS checking them) sees a previous complete file or the new one, never a partial one.
+  """
+  os.makedirs(directory, exist_ok=True)
+  paths = {split: os.path.join(directory, f"{split}.jsonl") for split in lines}
+  for split, path in paths.items():
+    partial = f"{path}.{os.getpid()}.partial"
+    with open(partial, "w") as f:
+      f.writelines(lines[split])
+    os.replace(partial, path)
+  return paths

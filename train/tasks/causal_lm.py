@@ -64,6 +64,12 @@ def _sources(config: ml_collections.ConfigDict, workdir: str) -> dict:
   return {split: data.data_source(builder, split) for split in ("train", "validation")}
 
 
+def prepare(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Writes what ``build`` reads from the workdir (a tiny checkpoint, the JSONL data and its TFDS dataset)."""
+  _checkpoint(config, workdir)
+  _sources(config, workdir)
+
+
 def build(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh) -> Task:
   path = _checkpoint(config, workdir)
   model, params = load_base(path, config, mesh, scan_layers=config.model.scan_layers, remat=config.model.remat)

@@ -48,6 +48,11 @@ def _sources(config: ml_collections.ConfigDict, workdir: str) -> dict:
   return {split: data.data_source(builder, split) for split in ("train", "validation")}
 
 
+def prepare(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Writes what ``build`` reads from the workdir (the JSONL data and its TFDS dataset)."""
+  _sources(config, workdir)
+
+
 def build(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh) -> Task:
   path = config.model.path or minilm_dir()
   model, params = load_base(path, config, mesh, ignore=[r"pooler\..*"])

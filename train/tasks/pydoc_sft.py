@@ -16,6 +16,7 @@ import jax
 import tokenizers
 
 from jlora import models
+from train.tasks.base import write_splits
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>", "<|system|>", "<|user|>", "<|assistant|>"]
 
@@ -31,19 +32,13 @@ def _paragraphs() -> list[tuple[str, int, str]]:
 
 def write_jsonl(directory: str, validation_fraction: float = 0.1) -> dict[str, str]:
   """``train.jsonl``/``validation.jsonl`` of ``{"messages": [user, assistant]}``; hash split by paragraph."""
-  os.makedirs(directory, exist_ok=True)
-  paths = {split: os.path.join(directory, f"{split}.jsonl") for split in ("train", "validation")}
-  files = {split: open(path, "w") for split, path in paths.items()}
-  try:
-    for name, i, paragraph in _paragraphs():
-      bucket = int(hashlib.sha256(paragraph.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
-      record = {"messages": [{"role": "user", "content": f"What does the Python help on '{name}' say (part {i})?"},
-                             {"role": "assistant", "content": paragraph}]}
-      files["validation" if bucket < validation_fraction else "train"].write(json.dumps(record) + "\n")
-  finally:
-    for f in files.values():
-      f.close()
-  return paths
+  lines: dict[str, list[str]] = {"train": [], "validation": []}
+  for name, i, paragraph in _paragraphs():
+    bucket = int(hashlib.sha256(paragraph.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+    record = {"messages": [{"role": "user", "content": f"What does the Python help on '{name}' say (part {i})?"},
+                           {"role": "assistant", "content": paragraph}]}
+    lines["validation" if bucket < validation_fraction else "train"].append(json.dumps(record) + "\n")
+  return write_splits(directory, lines)
 
 
 def create_tiny_llama(directory: str, *, vocab_size: int = 512, hidden_size: int = 64, layers: int = 2,

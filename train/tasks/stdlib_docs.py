@@ -10,7 +10,8 @@ import hashlib
 import importlib
 import inspect
 import json
-import os
+
+from train.tasks.base import write_splits
 
 AREAS: dict[str, tuple[str, ...]] = {
     "files & processes": ("os", "shutil", "pathlib", "subprocess", "tempfile", "glob", "fnmatch", "stat", "filecmp",
@@ -63,13 +64,7 @@ def _split(text: str, validation_fraction: float) -> str:
 
 def write_jsonl(directory: str, validation_fraction: float = 0.2) -> dict[str, str]:
   """Writes ``train.jsonl`` and ``validation.jsonl`` into ``directory``; returns ``{split: path}``."""
-  os.makedirs(directory, exist_ok=True)
-  paths = {split: os.path.join(directory, f"{split}.jsonl") for split in ("train", "validation")}
-  files = {split: open(path, "w") for split, path in paths.items()}
-  try:
-    for example in examples():
-      files[_split(example["text"], validation_fraction)].write(json.dumps(example) + "\n")
-  finally:
-    for f in files.values():
-      f.close()
-  return paths
+  lines: dict[str, list[str]] = {"train": [], "validation": []}
+  for example in examples():
+    lines[_split(example["text"], validation_fraction)].append(json.dumps(example) + "\n")
+  return write_splits(directory, lines)

@@ -110,19 +110,17 @@ def write_jsonl(directory: str, validation_fraction: float = 0.15) -> dict[str, 
   Returns:
     ``{split: path}``.
   """
-  os.makedirs(directory, exist_ok=True)
-  paths = {split: os.path.join(directory, f"{split}.jsonl") for split in ("train", "validation")}
-  lines: dict[str, list[str]] = {split: [] for split in paths}
+  from train.tasks.base import write_splits  # here: this file also runs as a script (``examples``), alone
+
+  lines: dict[str, list[str]] = {split: [] for split in ("train", "validation")}
   for example in examples():
     record = {"messages": messages(example), "module": example["module"], "function": example["function"]}
     lines[split_of(example["module"], validation_fraction)].append(json.dumps(record) + "\n")
-  for split, path in paths.items():
+  for split in lines:
     if not lines[split]:
       raise RuntimeError(f"No standard-library example fell into the {split!r} split "
                          f"(validation_fraction={validation_fraction}).")
-    with open(path, "w") as f:
-      f.writelines(lines[split])
-  return paths
+  return write_splits(directory, lines)
 
 
 if __name__ == "__main__":  # examples(): the collection, as JSON on stdout
