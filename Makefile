@@ -5,6 +5,8 @@ VENV ?= .venv
 PYTHON ?= python3
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.jlora-installed
+# pytest-xdist workers for make test; a test file stays on one worker (--dist loadfile), so its fixtures run once.
+TEST_WORKERS ?= 2
 
 .PHONY: install run test
 
@@ -24,4 +26,4 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile

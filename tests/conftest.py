@@ -6,7 +6,9 @@ test session. Subprocesses the tests start (training jobs, the CLI, multi-proces
 The persistent compilation cache lives in a directory made for this run and removed at its end: a fresh
 machine starts cold, but a program that several tests or job subprocesses compile (the same train step,
 the same tiny model) is compiled once per run. It changes no result: a cache hit loads the executable
-the same compilation would have produced.
+the same compilation would have produced. Under pytest-xdist (``make test`` runs ``-n 2 --dist loadfile``)
+the controller imports this file first, so its workers inherit the same directory and only the controller
+removes it.
 """
 
 import os
@@ -19,6 +21,9 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   _CACHE_DIR = tempfile.mkdtemp(prefix="jlora-test-jax-cache-")
   os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE_DIR
   os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+  # A size limit turns on JAX's file lock around cache reads and writes: the pytest-xdist workers and the job
+  # subprocesses share this directory, and an unlocked write can be read half-written by another process.
+  os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"] = str(64 << 30)
 else:  # a caller's cache (e.g. a developer's warm one) is used as it is and kept
   _CACHE_DIR = None
 
