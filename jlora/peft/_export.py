@@ -242,6 +242,13 @@ def save_pretrained(path: str | os.PathLike, adapters: Mapping, config: LoraConf
   if config.invocation_tokens is not None:  # activated LoRA (PEFT's ALoraLinearVariant)
     peft_config["alora_invocation_tokens"] = list(config.invocation_tokens)
 
+  write_adapter_dir(path, tensors, metadata, peft_config, manifest)
+  return peft_config
+
+
+def write_adapter_dir(path, tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str], peft_config: dict,
+                      manifest: bool) -> None:
+  """Writes a PEFT adapter directory (weights, config, optional SHA256SUMS) into ``path``, which must not hold one."""
   directory = pathlib.Path(path)
   directory.mkdir(parents=True, exist_ok=True)
   stale = [name for name in (CONFIG_FILE, WEIGHTS_FILE, MANIFEST) if (directory / name).exists()]
@@ -251,7 +258,6 @@ def save_pretrained(path: str | os.PathLike, adapters: Mapping, config: LoraConf
   (directory / CONFIG_FILE).write_text(json.dumps(peft_config, indent=2, sort_keys=True) + "\n")
   if manifest:
     write_manifest(directory)
-  return peft_config
 
 
 

@@ -4,7 +4,6 @@
 returns the params too, which a VeRA adapter extends with the projections its file stores.
 """
 
-import json
 import os
 import pathlib
 import re
@@ -19,11 +18,9 @@ from jlora._safety import (
   UnsafeAdapterError,
   check_base_fingerprint,
   read_safetensors,
-  write_manifest,
 )
-from jlora._safety._manifest import MANIFEST
 from jlora._variant import split_state
-from jlora.peft._export import CONFIG_FILE, WEIGHTS_FILE, write_safetensors
+from jlora.peft._export import WEIGHTS_FILE
 from jlora.peft._fingerprint import METADATA_KEY, base_fingerprint
 from jlora.peft._import import _fail, _targeted, from_pretrained, read_directory
 from jlora.peft._modules import HfModule, ModuleTable, module_table
@@ -116,19 +113,6 @@ def by_kernel(modules: list[HfModule], table: ModuleTable, directory: pathlib.Pa
 
 def escaped(paths) -> list[str]:
   return [re.escape(p) for p in paths]
-
-
-def write_adapter_dir(path, tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str], peft_config: dict,
-                      manifest: bool) -> None:
-  directory = pathlib.Path(path)
-  directory.mkdir(parents=True, exist_ok=True)
-  stale = [name for name in (CONFIG_FILE, WEIGHTS_FILE, MANIFEST) if (directory / name).exists()]
-  if stale:
-    raise JloraError(f"{directory} already holds {stale}; write the adapter into a fresh directory.")
-  write_safetensors(directory / WEIGHTS_FILE, tensors, metadata)
-  (directory / CONFIG_FILE).write_text(json.dumps(peft_config, indent=2, sort_keys=True) + "\n")
-  if manifest:
-    write_manifest(directory)
 
 
 def config_error(directory: pathlib.Path, error: JloraError) -> UnsafeAdapterError:

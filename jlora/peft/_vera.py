@@ -21,7 +21,7 @@ from jlora._lora import Lora
 from jlora._safety import LoadPolicy, enforce_norms, norm_report
 from jlora._variant import STATE_KEY, split_state
 from jlora.models._hf_configs import config_to_hf
-from jlora.peft._export import PREFIX
+from jlora.peft._export import PREFIX, write_adapter_dir
 from jlora.peft._fingerprint import METADATA_KEY, base_fingerprint
 from jlora.peft._formats import (
   adapted_modules,
@@ -32,7 +32,6 @@ from jlora.peft._formats import (
   host_leaf,
   linear_targets,
   read_weights,
-  write_adapter_dir,
 )
 from jlora.peft._import import _check_config, _fail, _is_number
 from jlora.peft._matching import target_modules_for
