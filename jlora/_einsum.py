@@ -2,6 +2,7 @@
 low-rank path. Framework-neutral: the linen and nnx bindings both describe Dense-like modules this way.
 """
 
+import math
 import string
 
 import jax
@@ -72,12 +73,25 @@ def low_rank_einsum(equation: Equation, layout: KernelLayout, x: jax.Array, a: j
   """``(x @ A) @ B`` in the equation's own conventions: ``A: batch + in + (r,)``, ``B: batch + (r,) + out``.
 
   The rank-space activation keeps the output's non-kernel axes, so the result has ``out``'s layout.
+
+  When the map is a plain matrix product over trailing axes (no kernel batch axes; the input is
+  ``free + in``, the output ``free + out``, in that order), the two products run on 2-D operands
+  (``x`` as ``(tokens, d_in)``): the same sums, but XLA then differentiates two 2-D matmuls, while the
+  N-D einsum's backward transposes every output gradient in memory before the ``B`` gradient (XLA:CPU
+  materialises one ``[out, tokens]`` copy per adapted module, measured in ``docs/benchmarks.md``).
   """
   lhs, rhs, out = equation
-  rank = next(c for c in string.ascii_letters if c not in lhs + rhs + out)
-  kb = "".join(rhs[i] for i in layout.batch_axes)
   kin = "".join(rhs[i] for i in layout.in_axes)
   kout = "".join(rhs[i] for i in layout.out_axes)
+  free = lhs[: len(lhs) - len(kin)]
+  if not layout.batch_axes and lhs == free + kin and out == free + kout:
+    n_in = a.ndim - 1
+    x2 = x.reshape((-1, math.prod(x.shape[x.ndim - n_in:])))
+    h = jnp.matmul(x2, a.reshape((-1, a.shape[-1])), precision=precision)
+    y = jnp.matmul(h, b.reshape((b.shape[0], -1)), precision=precision)
+    return y.reshape(x.shape[: x.ndim - n_in] + b.shape[1:])
+  rank = next(c for c in string.ascii_letters if c not in lhs + rhs + out)
+  kb = "".join(rhs[i] for i in layout.batch_axes)
   h = "".join(c for c in out if c not in kout) + rank
   h_val = jnp.einsum(f"{lhs},{kb}{kin}{rank}->{h}", x, a, precision=precision)
   return jnp.einsum(f"{h},{kb}{rank}{kout}->{out}", h_val, b, precision=precision)

@@ -1,0 +1,66 @@
+"""Same-process A/B of the low-rank path's formulation in jlora's LoRA train step (peer shape of ``--suite full``).
+
+``python -m tools.bench.low_rank_ab [rounds]`` compiles the step twice per layer form (``nn.scan`` and
+unrolled): once with the N-D einsum low-rank path jlora used before 2026-12-02 (kept here, and only here,
+as the "before" arm) and once with the library's current ``jlora._einsum.low_rank_einsum`` (2-D operands),
+checks the two give the same adapters after one step, and times them in interleaved rounds.
+"""
+
+import json
+import string
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import jlora._linen_bindings
+from jlora._einsum import low_rank_einsum
+from tools.bench import _models
+from tools.bench._suites import SUITES
+
+
+def einsum_low_rank(equation, layout, x, a, b, precision=None):
+  """The N-D einsum form: ``x @ A`` keeps every non-kernel axis of ``x``, then ``@ B``."""
+  lhs, rhs, out = equation
+  rank = next(c for c in string.ascii_letters if c not in lhs + rhs + out)
+  kb = "".join(rhs[i] for i in layout.batch_axes)
+  kin = "".join(rhs[i] for i in layout.in_axes)
+  kout = "".join(rhs[i] for i in layout.out_axes)
+  h = "".join(c for c in out if c not in kout) + rank
+  h_val = jnp.einsum(f"{lhs},{kb}{kin}{rank}->{h}", x, a, precision=precision)
+  return jnp.einsum(f"{h},{kb}{rank}{kout}->{out}", h_val, b, precision=precision)
+
+
+def main(rounds: int) -> None:
+  shape = SUITES["full"].peer_shape
+  tx = _models.optimizer()
+  compiled = {}
+  for scan in (True, False):
+    setup = _models.linen_setup(shape, scan=scan)
+    for arm, fn in (("einsum", einsum_low_rank), ("2d", low_rank_einsum)):
+      jlora._linen_bindings.low_rank_einsum = fn  # the binding's module-level name, read at trace time
+      args = (_models.copy_tree(setup.adapters), tx.init(setup.adapters), setup.params, setup.ids)
+      step = jax.jit(_models.lora_train_step(setup.lora, tx)).lower(*args).compile()
+      compiled[f"{'scan' if scan else 'unrolled'}_{arm}"] = (step, args)
+  jlora._linen_bindings.low_rank_einsum = low_rank_einsum
+  after = {name: step(*args)[0] for name, (step, args) in compiled.items()}
+  for form in ("scan", "unrolled"):
+    diff = jax.tree.map(lambda p, q: float(jnp.max(jnp.abs(p - q))), after[f"{form}_einsum"], after[f"{form}_2d"])
+    print(f"{form}: max |adapters after one step, einsum - 2d| = {max(jax.tree.leaves(diff)):.2e}")
+  times = {name: [] for name in compiled}
+  for _ in range(rounds):
+    for name, (step, args) in compiled.items():
+      start = time.perf_counter()
+      jax.block_until_ready(step(*args))
+      times[name].append(time.perf_counter() - start)
+  print(json.dumps({name: round(1e3 * float(np.median(t)), 1) for name, t in times.items()}), "(median ms)")
+  for form in ("scan", "unrolled"):
+    ratios = [n / o for n, o in zip(times[f"{form}_2d"], times[f"{form}_einsum"], strict=True)]
+    print(f"{form}: 2d / einsum step time, median of {rounds} same-round ratios {np.median(ratios):.3f} "
+          f"(range {min(ratios):.3f}-{max(ratios):.3f})")
+
+
+if __name__ == "__main__":
+  main(int(sys.argv[1]) if len(sys.argv) > 1 else 12)
