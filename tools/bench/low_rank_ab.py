@@ -3,10 +3,13 @@
 ``python -m tools.bench.low_rank_ab [rounds]`` compiles the step twice per layer form (``nn.scan`` and
 unrolled): once with the N-D einsum low-rank path jlora used before 2026-12-02 (kept here, and only here,
 as the "before" arm) and once with the library's current ``jlora._einsum.low_rank_einsum`` (2-D operands),
-checks the two give the same adapters after one step, and times them in interleaved rounds.
+checks the two give the same adapters after one step, counts the compiled programs' layout ops
+(``transpose`` and ``copy`` instructions of the optimised HLO), and times them in interleaved rounds.
 """
 
+import collections
 import json
+import re
 import string
 import sys
 import time
@@ -45,6 +48,9 @@ def main(rounds: int) -> None:
       step = jax.jit(_models.lora_train_step(setup.lora, tx)).lower(*args).compile()
       compiled[f"{'scan' if scan else 'unrolled'}_{arm}"] = (step, args)
   jlora._linen_bindings.low_rank_einsum = low_rank_einsum
+  for name, (step, _) in compiled.items():
+    ops = collections.Counter(re.findall(r"= \S+ (transpose|copy)\(", step.as_text()))
+    print(f"{name}: {ops['transpose']} transposes, {ops['copy']} copies in the optimised HLO")
   after = {name: step(*args)[0] for name, (step, args) in compiled.items()}
   for form in ("scan", "unrolled"):
     diff = jax.tree.map(lambda p, q: float(jnp.max(jnp.abs(p - q))), after[f"{form}_einsum"], after[f"{form}_2d"])
