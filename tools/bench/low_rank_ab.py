@@ -1,10 +1,11 @@
 """Same-process A/B of the low-rank path's formulation in jlora's LoRA train step (peer shape of ``--suite full``).
 
-``python -m tools.bench.low_rank_ab [rounds]`` compiles the step twice per layer form (``nn.scan`` and
+``python -m tools.bench.low_rank_ab [rounds] [--dora]`` compiles the step twice per layer form (``nn.scan`` and
 unrolled): once with the N-D einsum low-rank path jlora used before 2026-12-02 (kept here, and only here,
 as the "before" arm) and once with the library's current ``jlora._einsum.low_rank_einsum`` (2-D operands),
 checks the two give the same adapters after one step, counts the compiled programs' layout ops
 (``transpose`` and ``copy`` instructions of the optimised HLO), and times them in interleaved rounds.
+``--dora`` runs the same A/B on DoRA adapters (``use_dora=True``).
 """
 
 import collections
@@ -36,12 +37,12 @@ def einsum_low_rank(equation, layout, x, a, b, precision=None):
   return jnp.einsum(f"{h},{kb}{rank}{kout}->{out}", h_val, b, precision=precision)
 
 
-def main(rounds: int) -> None:
+def main(rounds: int, use_dora: bool = False) -> None:
   shape = SUITES["full"].peer_shape
   tx = _models.optimizer()
   compiled = {}
   for scan in (True, False):
-    setup = _models.linen_setup(shape, scan=scan)
+    setup = _models.linen_setup(shape, scan=scan, use_dora=use_dora)
     for arm, fn in (("einsum", einsum_low_rank), ("2d", low_rank_einsum)):
       jlora._linen_bindings.low_rank_einsum = fn  # the binding's module-level name, read at trace time
       args = (_models.copy_tree(setup.adapters), tx.init(setup.adapters), setup.params, setup.ids)
@@ -69,4 +70,5 @@ def main(rounds: int) -> None:
 
 
 if __name__ == "__main__":
-  main(int(sys.argv[1]) if len(sys.argv) > 1 else 12)
+  args = [a for a in sys.argv[1:] if a != "--dora"]
+  main(int(args[0]) if args else 12, use_dora="--dora" in sys.argv[1:])
