@@ -31,28 +31,6 @@ import jax  # noqa: E402
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
-# The longest test files (seconds on a quiet 2-core machine, 2026-12-02), run first: ``--dist loadfile`` hands out
-# files in collection order, so a long file collected last (the job-level files sort last alphabetically) ran on
-# one worker after the other had finished. Longest-first keeps both workers busy to the end. Order only: every
-# test still runs.
-_LONGEST_FIRST = (
-    "test_train_sharded.py",  # 214 s
-    "test_train.py",  # 162 s
-    "test_bench.py",  # 99 s
-    "test_train_variants.py",  # 89 s
-    "test_train_qlora.py",  # 83 s
-    "test_readme.py",  # 56 s
-    "test_bank.py",  # 50 s
-    "test_cli.py",  # 47 s
-    "test_quickstart.py",  # 34 s
-    "test_models_gguf.py",  # 33 s
-)
-
-
-def pytest_collection_modifyitems(session, config, items):
-  rank = {name: i for i, name in enumerate(_LONGEST_FIRST)}
-  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
-
 
 def pytest_unconfigure(config):
   if _CACHE_DIR is not None:
