@@ -90,8 +90,20 @@ def low_rank_einsum(equation: Equation, layout: KernelLayout, x: jax.Array, a: j
     h = jnp.matmul(x2, a.reshape((-1, a.shape[-1])), precision=precision)
     y = jnp.matmul(h, b.reshape((b.shape[0], -1)), precision=precision)
     return y.reshape(x.shape[: x.ndim - n_in] + b.shape[1:])
+  return nd_low_rank_einsum(equation, layout, x, a, b, precision)
+
+
+def nd_low_rank_einsum(equation: Equation, layout: KernelLayout, x: jax.Array, a: jax.Array, b: jax.Array,
+                       precision=None) -> jax.Array:
+  """``(x @ A) @ B`` as two N-D einsums: ``x @ A`` keeps every non-kernel axis of the output.
+
+  Any equation; :func:`low_rank_einsum` uses it for those its 2-D form does not cover.
+  """
+  lhs, rhs, out = equation
   rank = next(c for c in string.ascii_letters if c not in lhs + rhs + out)
   kb = "".join(rhs[i] for i in layout.batch_axes)
+  kin = "".join(rhs[i] for i in layout.in_axes)
+  kout = "".join(rhs[i] for i in layout.out_axes)
   h = "".join(c for c in out if c not in kout) + rank
   h_val = jnp.einsum(f"{lhs},{kb}{kin}{rank}->{h}", x, a, precision=precision)
   return jnp.einsum(f"{h},{kb}{rank}{kout}->{out}", h_val, b, precision=precision)

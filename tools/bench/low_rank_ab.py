@@ -1,9 +1,9 @@
 """Same-process A/B of the low-rank path's formulation in jlora's LoRA train step (peer shape of ``--suite full``).
 
 ``python -m tools.bench.low_rank_ab [rounds] [--dora]`` compiles the step twice per layer form (``nn.scan`` and
-unrolled): once with the N-D einsum low-rank path jlora used before 2026-12-02 (kept here, and only here,
-as the "before" arm) and once with the library's current ``jlora._einsum.low_rank_einsum`` (2-D operands),
-checks the two give the same adapters after one step, counts the compiled programs' layout ops
+unrolled): once with the N-D einsum low-rank path jlora used for every equation before 2026-12-02
+(``jlora._einsum.nd_low_rank_einsum``, the "before" arm) and once with the library's current
+``low_rank_einsum`` (2-D operands where it can), checks the two give the same adapters after one step, counts the compiled programs' layout ops
 (``transpose`` and ``copy`` instructions of the optimised HLO), and times them in interleaved rounds.
 ``--dora`` runs the same A/B on DoRA adapters (``use_dora=True``).
 """
@@ -11,7 +11,6 @@ checks the two give the same adapters after one step, counts the compiled progra
 import collections
 import json
 import re
-import string
 import sys
 import time
 
@@ -20,21 +19,9 @@ import jax.numpy as jnp
 import numpy as np
 
 import jlora._linen_bindings
-from jlora._einsum import low_rank_einsum
+from jlora._einsum import low_rank_einsum, nd_low_rank_einsum
 from tools.bench import _models
 from tools.bench._suites import SUITES
-
-
-def einsum_low_rank(equation, layout, x, a, b, precision=None):
-  """The N-D einsum form: ``x @ A`` keeps every non-kernel axis of ``x``, then ``@ B``."""
-  lhs, rhs, out = equation
-  rank = next(c for c in string.ascii_letters if c not in lhs + rhs + out)
-  kb = "".join(rhs[i] for i in layout.batch_axes)
-  kin = "".join(rhs[i] for i in layout.in_axes)
-  kout = "".join(rhs[i] for i in layout.out_axes)
-  h = "".join(c for c in out if c not in kout) + rank
-  h_val = jnp.einsum(f"{lhs},{kb}{kin}{rank}->{h}", x, a, precision=precision)
-  return jnp.einsum(f"{h},{kb}{rank}{kout}->{out}", h_val, b, precision=precision)
 
 
 def main(rounds: int, use_dora: bool = False) -> None:
@@ -43,7 +30,7 @@ def main(rounds: int, use_dora: bool = False) -> None:
   compiled = {}
   for scan in (True, False):
     setup = _models.linen_setup(shape, scan=scan, use_dora=use_dora)
-    for arm, fn in (("einsum", einsum_low_rank), ("2d", low_rank_einsum)):
+    for arm, fn in (("einsum", nd_low_rank_einsum), ("2d", low_rank_einsum)):
       jlora._linen_bindings.low_rank_einsum = fn  # the binding's module-level name, read at trace time
       args = (_models.copy_tree(setup.adapters), tx.init(setup.adapters), setup.params, setup.ids)
       step = jax.jit(_models.lora_train_step(setup.lora, tx)).lower(*args).compile()
